@@ -1,0 +1,22 @@
+"""lie-diffusion: Lie-group adapters (LieRA) for diffusers' Stable Diffusion UNets and CLIP encoders."""
+
+from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_weight
+from .inject import LieConfig, add_lie_adapters, merge_lie_weights
+from .layers import LieConv2d, LieLinear, LieLoraConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LieConfig",
+    "LieConv2d",
+    "LieFactor",
+    "LieLinear",
+    "LieLoraConfig",
+    "add_lie_adapters",
+    "lie_conv2d",
+    "lie_delta",
+    "lie_linear",
+    "lie_multiplier",
+    "lie_weight",
+    "merge_lie_weights",
+]

@@ -1,0 +1,216 @@
+"""Which modules get which adapter: `LieConfig` → peft LoRA config with Lie layers registered.
+
+One adapter name covers both kinds: Conv2d targets get Lie adapters, attention projections get
+standard LoRA (or Lie, or nothing). Both live in one peft config, so diffusers' adapter controls
+(`set_adapters`, `fuse_lora`, `delete_adapters`, ...) treat the pair as one adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .functional import MODES
+from .layers import LieConv2d, LieLayerMixin, LieLinear, LieLoraConfig
+
+# Targets are regexes matched against the end of a module's dotted name ("resnets.*.conv1" matches
+# "down_blocks.0.resnets.1.conv1"). Conv targets select among nn.Conv2d modules, attention targets
+# among nn.Linear modules, so one preset serves both the UNet and the CLIP text encoder.
+RESNET_CONV_TARGETS = (r"resnets\.\d+\.conv1", r"resnets\.\d+\.conv2", r"resnets\.\d+\.conv_shortcut")
+SAMPLER_CONV_TARGETS = (r"downsamplers\.0\.conv", r"upsamplers\.0\.conv")
+CONV_TARGETS = RESNET_CONV_TARGETS + SAMPLER_CONV_TARGETS
+UNET_ATTN_TARGETS = (r"attn[12]\.to_q", r"attn[12]\.to_k", r"attn[12]\.to_v", r"attn[12]\.to_out\.0")
+TEXT_ENCODER_ATTN_TARGETS = (r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_attn\.v_proj", r"self_attn\.out_proj")
+ATTN_TARGETS = UNET_ATTN_TARGETS + TEXT_ENCODER_ATTN_TARGETS
+ATTN_ADAPTERS = ("lora", "lie", "none")
+
+
+@dataclass
+class LieConfig:
+    """What to adapt and how. `alpha=None` means alpha = rank; attention rank/alpha default to these."""
+
+    rank: int = 4
+    alpha: float | None = None
+    mode: str = "exp"
+    attn_adapter: str = "lora"
+    attn_rank: int | None = None
+    attn_alpha: float | None = None
+    conv_targets: tuple[str, ...] = field(default=CONV_TARGETS)
+    attn_targets: tuple[str, ...] = field(default=ATTN_TARGETS)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"LieConfig.mode must be one of {MODES}, got {self.mode!r}.")
+        if self.attn_adapter not in ATTN_ADAPTERS:
+            raise ValueError(f"LieConfig.attn_adapter must be one of {ATTN_ADAPTERS}, got {self.attn_adapter!r}.")
+        for name in ("rank", "attn_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"LieConfig.{name} must be a positive integer, got {value!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LieConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        self.conv_targets, self.attn_targets = tuple(self.conv_targets), tuple(self.attn_targets)
+        for pattern in self.conv_targets + self.attn_targets:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"LieConfig target {pattern!r} is not a valid regex: {error}.") from None
+
+    @property
+    def conv_rank_alpha(self) -> tuple[int, float]:
+        return self.rank, float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def attn_rank_alpha(self) -> tuple[int, float]:
+        rank = self.attn_rank or self.rank
+        alpha = self.attn_alpha if self.attn_alpha is not None else self.alpha
+        return rank, float(rank if alpha is None else alpha)
+
+
+def _suffix_regex(patterns: Iterable[str]) -> re.Pattern | None:
+    patterns = list(patterns)
+    return re.compile(r"(?:.*\.)?(?:" + "|".join(f"(?:{p})" for p in patterns) + ")") if patterns else None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def find_targets(model: nn.Module, config: LieConfig) -> tuple[list[str], list[str]]:
+    """(conv module names, attention module names) that `config` selects in `model`."""
+    conv_re = _suffix_regex(config.conv_targets)
+    attn_re = _suffix_regex(config.attn_targets if config.attn_adapter != "none" else ())
+    convs, attns = [], []
+    for name, module in model.named_modules():
+        base = _base(module)
+        if isinstance(base, nn.Conv2d) and conv_re is not None and conv_re.fullmatch(name):
+            convs.append(name)
+        elif isinstance(base, nn.Linear) and attn_re is not None and attn_re.fullmatch(name):
+            attns.append(name)
+    return convs, attns
+
+
+def build_peft_config(config: LieConfig, convs: list[str], attns: list[str], overrides=None) -> LieLoraConfig:
+    """The peft config for `config` on the given modules. `overrides` maps module → (rank, alpha)."""
+    rank, alpha = config.conv_rank_alpha
+    per_module = {name: config.attn_rank_alpha for name in attns}
+    per_module.update(overrides or {})
+    rank_pattern = {re.escape(n): r for n, (r, a) in per_module.items() if r != rank}
+    alpha_pattern = {re.escape(n): a for n, (r, a) in per_module.items() if a != alpha}
+    peft_config = LieLoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=config.dropout,
+        target_modules=sorted(convs + attns),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        init_lora_weights=True,
+        lie_mode=config.mode,
+    )
+    mapping = {nn.Conv2d: LieConv2d}
+    if config.attn_adapter == "lie":
+        mapping[nn.Linear] = LieLinear
+    peft_config._register_custom_module(mapping)
+    return peft_config
+
+
+def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_name: str) -> None:
+    if not convs and not attns:
+        raise ValueError(
+            f"LieConfig selects no module of {type(model).__name__}: conv_targets={config.conv_targets} matched no "
+            f"nn.Conv2d and attn_targets={config.attn_targets} (attn_adapter={config.attn_adapter!r}) no nn.Linear."
+        )
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}.")
+    modules = dict(model.named_modules())
+    wants_lie = set(convs) | (set(attns) if config.attn_adapter == "lie" else set())
+    for name in convs + attns:
+        module = modules[name]
+        if isinstance(module, LoraLayer) and isinstance(module, LieLayerMixin) != (name in wants_lie):
+            have, want = ("Lie", "plain LoRA") if isinstance(module, LieLayerMixin) else ("plain LoRA", "Lie")
+            raise ValueError(
+                f"{name} already carries {have} adapters {list(module.lora_A)}; a {want} adapter cannot share the "
+                "layer. Unload or delete the other adapters first."
+            )
+
+
+def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "default", overrides=None) -> nn.Module:
+    """Inject adapter `adapter_name` into `model` in place; only adapter parameters stay trainable.
+
+    Works on a diffusers UNet2DConditionModel (SD1.x/2.x/SDXL) and on a transformers CLIP text
+    encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`.
+    On any error the model is left as it was.
+    """
+    convs, attns = find_targets(model, config)
+    _check_targets(model, config, convs, attns, adapter_name)
+    peft_config = build_peft_config(config, convs, attns, overrides)
+    try:
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(peft_config, adapter_name=adapter_name)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(peft_config, model, adapter_name)
+    except Exception:
+        remove_adapter(model, adapter_name)
+        raise
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{adapter_name}." in name and (".lora_A." in name or ".lora_B." in name))
+    return model
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete `adapter_name` from every layer (and the model's peft config); emptied layers go back to plain."""
+    for module in list(model.modules()):
+        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "lora_A", {}):
+            module.delete_adapter(adapter_name)
+    _replace_empty_tuner_layers(model)
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config is not None:
+        peft_config.pop(adapter_name, None)
+        if not peft_config:
+            del model.peft_config
+            if hasattr(model, "_hf_peft_config_loaded"):
+                model._hf_peft_config_loaded = False
+
+
+def _replace_empty_tuner_layers(model: nn.Module, merge: bool = False) -> None:
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer) or (module.lora_A and not merge):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+
+
+def _components(model_or_pipeline) -> list[nn.Module]:
+    if isinstance(model_or_pipeline, nn.Module):
+        return [model_or_pipeline]
+    names = ("unet", "transformer", "text_encoder", "text_encoder_2")
+    return [c for c in (getattr(model_or_pipeline, n, None) for n in names) if isinstance(c, nn.Module)]
+
+
+def merge_lie_weights(model_or_pipeline, adapter_names: list[str] | None = None):
+    """Fold adapters into the base weights and drop the adapter layers (in place; returns the input).
+
+    Lie: W ← W ⊙ M(sΔ); LoRA: W ← W + sBA, with each adapter's current scale (`set_adapters`).
+    `adapter_names=None` merges the active adapters. The result holds plain nn.Conv2d / nn.Linear
+    modules, so `save_pretrained` writes a stock model.
+    """
+    for model in _components(model_or_pipeline):
+        tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in tuner_layers:
+            if not layer.disable_adapters:
+                layer.merge(adapter_names=adapter_names)
+        _replace_empty_tuner_layers(model, merge=True)
+        if getattr(model, "peft_config", None) is not None:
+            del model.peft_config
+            if hasattr(model, "_hf_peft_config_loaded"):
+                model._hf_peft_config_loaded = False
+    return model_or_pipeline
