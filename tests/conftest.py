@@ -1,0 +1,16 @@
+"""Shared fixtures: tiny pipelines built offline once per test session."""
+
+import pytest
+
+from lie_diffusion.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A saved tiny SD1-layout StableDiffusionPipeline folder (read-only: copy it before changing it)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd1"), kind="sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_pipeline_dir(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2"), kind="sd2")
