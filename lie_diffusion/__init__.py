@@ -2,6 +2,7 @@
 
 from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_weight
 from .inject import LieConfig, add_lie_adapters, merge_lie_weights
+from .io import load_lie_weights, read_lie_file, save_lie_weights
 from .layers import LieConv2d, LieLinear, LieLoraConfig
 
 __version__ = "0.1.0"
@@ -18,5 +19,8 @@ __all__ = [
     "lie_linear",
     "lie_multiplier",
     "lie_weight",
+    "load_lie_weights",
     "merge_lie_weights",
+    "read_lie_file",
+    "save_lie_weights",
 ]

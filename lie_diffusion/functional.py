@@ -63,9 +63,9 @@ def lie_multiplier(factors: Sequence[LieFactor], shape: Sequence[int]) -> torch.
 
 
 def lie_weight(weight: torch.Tensor, factors: Sequence[LieFactor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W' = W ⊙ M, computed in float32 (or float64) and returned in `dtype` (default: W's)."""
-    multiplier = lie_multiplier(factors, weight.shape)
-    return (weight.to(multiplier.dtype) * multiplier).to(dtype or weight.dtype)
+    """W' = W ⊙ M, computed in float32 at least (float64 when W or the factors are) and returned in `dtype`
+    (default: W's). Type promotion does the upcast, so a half-precision W never meets M in half precision."""
+    return (weight * lie_multiplier(factors, weight.shape)).to(dtype or weight.dtype)
 
 
 class _LinearOp:
@@ -133,7 +133,7 @@ class _LieOp(torch.autograd.Function):
             leaves = [t.detach().requires_grad_(need) for t, need in zip(factor_tensors, needs_factors)]
             multiplier = lie_multiplier(_factors(leaves, ctx.scalings, ctx.modes), weight.shape)
             with torch.no_grad():
-                adapted = (weight.to(multiplier.dtype) * multiplier).to(ctx.dtype)
+                adapted = (weight * multiplier).to(ctx.dtype)
                 needs_grad_w = needs_w or any(needs_factors)
                 grad_x, grad_adapted, grad_b = ctx.op.backward(
                     grad_out.to(ctx.dtype), x, adapted, (needs_x, needs_grad_w, needs_b)
@@ -141,13 +141,15 @@ class _LieOp(torch.autograd.Function):
                 del adapted
             grad_w, grad_factors = None, [None] * len(leaves)
             if needs_grad_w:
-                grad_adapted = grad_adapted.to(multiplier.dtype)
+                # G = dL/dW' in (at least) M's precision; dL/dW = G ⊙ M and dL/dM = G ⊙ W.
+                grad_adapted = grad_adapted.to(torch.promote_types(grad_adapted.dtype, multiplier.dtype))
                 if needs_w:
                     grad_w = (grad_adapted * multiplier).to(weight.dtype)
                 if any(needs_factors):
-                    # dL/dM = G ⊙ W, pulled back through M(A, B) by autograd on the small graph.
+                    # dL/dM pulled back through M(A, B) by autograd on the small graph.
                     wanted = [leaf for leaf in leaves if leaf.requires_grad]
-                    grads = iter(torch.autograd.grad(multiplier, wanted, grad_adapted * weight.to(multiplier.dtype)))
+                    grad_m = (grad_adapted * weight).to(multiplier.dtype)
+                    grads = iter(torch.autograd.grad(multiplier, wanted, grad_m))
                     grad_factors = [next(grads) if leaf.requires_grad else None for leaf in leaves]
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)

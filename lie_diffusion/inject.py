@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -145,11 +146,13 @@ def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "d
 
     Works on a diffusers UNet2DConditionModel (SD1.x/2.x/SDXL) and on a transformers CLIP text
     encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`.
-    On any error the model is left as it was.
+    The new factors are kept in float32 on a half-precision model (peft would cast them to the base
+    dtype), so optimizer steps are not lost to rounding. On any error the model is left as it was.
     """
     convs, attns = find_targets(model, config)
     _check_targets(model, config, convs, attns, adapter_name)
     peft_config = build_peft_config(config, convs, attns, overrides)
+    peft_loaded = getattr(model, "_hf_peft_config_loaded", None)
     try:
         if hasattr(model, "add_adapter"):
             model.add_adapter(peft_config, adapter_name=adapter_name)
@@ -159,9 +162,14 @@ def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "d
             inject_adapter_in_model(peft_config, model, adapter_name)
     except Exception:
         remove_adapter(model, adapter_name)
+        if peft_loaded is not None:  # diffusers' add_adapter sets this flag before injecting
+            model._hf_peft_config_loaded = peft_loaded
         raise
     for name, param in model.named_parameters():
-        param.requires_grad_(f".{adapter_name}." in name and (".lora_A." in name or ".lora_B." in name))
+        is_new_factor = f".{adapter_name}." in name and (".lora_A." in name or ".lora_B." in name)
+        if is_new_factor and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+        param.requires_grad_(is_new_factor)
     return model
 
 

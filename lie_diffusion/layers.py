@@ -40,6 +40,11 @@ class LieLayerMixin:
 
     other_param_names = lora_layer.LoraLayer.other_param_names + ("lie_mode",)
 
+    @property
+    def lora_variants(self):
+        # No LoRA variant (DoRA, aLoRA, ...) has a Lie meaning: peft refuses any that a config requests.
+        return {(): None}
+
     def _check_supported(self, config: LoraConfig, name: str) -> None:
         mode = getattr(config, "lie_mode", None)
         if mode not in MODES:
@@ -48,9 +53,12 @@ class LieLayerMixin:
                 f"{type(config).__name__} with lie_mode={mode!r}; Lie modes are {MODES}. "
                 "Plain LoRA and Lie adapters cannot share one layer."
             )
-        unsupported = {"use_dora": config.use_dora, "lora_bias": config.lora_bias}
-        if any(unsupported.values()):
-            raise ValueError(f"{name}: Lie adapters do not support {[k for k, v in unsupported.items() if v]}.")
+        unsupported = [key for key in ("use_dora", "lora_bias") if getattr(config, key)]
+        # Other inits (PiSSA, OLoRA, ...) rewrite W additively as W - sBA, which is wrong for W ⊙ M.
+        if config.init_lora_weights not in (True, False, "gaussian"):
+            unsupported.append(f"init_lora_weights={config.init_lora_weights!r}")
+        if unsupported:
+            raise ValueError(f"{name}: Lie adapters do not support {unsupported}.")
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
         self._check_supported(config, kwargs.get("target_name") or type(self.get_base_layer()).__name__)
@@ -83,13 +91,14 @@ class LieLayerMixin:
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """W ← W ⊙ M(sΔ) for each adapter; the scaling used is remembered so unmerge is exact."""
+        """W ← W ⊙ M(sΔ) for each adapter, in float32 at least; the scaling used is remembered, so
+        unmerge is exact even when `set_adapters` changes the scale in between."""
         weight = self.get_base_layer().weight
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
             scaling = self.scaling[adapter]
-            merged = weight.to(torch.float32) * self._multiplier(adapter, scaling)
+            merged = (weight * self._multiplier(adapter, scaling)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaN/inf detected while merging Lie adapter {adapter!r}; the adapter seems broken.")
             weight.copy_(merged)
@@ -98,20 +107,22 @@ class LieLayerMixin:
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Divide the merged multipliers back out, last merged first."""
+        """Divide the merged multipliers back out, last merged first. An adapter deleted while merged
+        stays baked into W (as with peft's LoRA layers)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         weight = self.get_base_layer().weight
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            scaling = self._caches.pop(f"lie_merged_scaling-{adapter}")
-            weight.copy_(weight.to(torch.float32) / self._multiplier(adapter, scaling))
+            scaling = self._caches.pop(f"lie_merged_scaling-{adapter}", None)
+            if adapter in self.lora_A:
+                weight.copy_(weight / self._multiplier(adapter, scaling))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """The additive equivalent W' - W = W ⊙ (M - 1), for tools that think in LoRA deltas."""
         weight = self.get_base_layer().weight
-        return (weight.to(torch.float32) * (self._multiplier(adapter, self.scaling[adapter]) - 1)).to(weight.dtype)
+        return (weight * (self._multiplier(adapter, self.scaling[adapter]) - 1)).to(weight.dtype)
 
 
 class LieConv2d(LieLayerMixin, lora_layer.Conv2d):

@@ -1,0 +1,372 @@
+"""The one harness every benchmark script uses: models, the peers, timing, memory and reports.
+
+Sharing it keeps the comparisons fair by construction: every method gets the same UNet, the same
+targeted conv layers (lie-diffusion's default conv targets), the same rank, and is timed in the
+same process with interleaved repetitions after a warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # a checkout works without `pip install -e .`
+
+from lie_diffusion import LieConfig, add_lie_adapters  # noqa: E402
+from lie_diffusion.inject import find_targets  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+# UNet2DConditionModel configs. "mid" is the issue's CPU size; "sd15" is Stable Diffusion 1.5's
+# UNet (the rest of its config is diffusers' default); "tiny" is for smoke tests.
+UNET_CONFIGS = {
+    "tiny": dict(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=16,
+    ),
+    "mid": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=768,
+                attention_head_dim=8, sample_size=64),
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8, sample_size=64),
+}
+
+
+def build_unet(size: str, device="cpu", dtype=torch.float32, seed: int = 0):
+    """A random-weight UNet2DConditionModel of the named size, built directly on `device`."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**UNET_CONFIGS[size])
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def conv_targets(model: nn.Module) -> list[str]:
+    """The conv layers every method adapts: lie-diffusion's default conv targets in `model`."""
+    return find_targets(model, LieConfig(attn_adapter="none"))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The peers. Each attaches to `model` in place on the same `targets` at the same `rank` and returns
+# what the optimizer trains plus how to take the adapter off again.
+
+
+@dataclass
+class Adapted:
+    params: list[nn.Parameter]  # what requires grad (and what AdamW steps, unless `optimize` is False)
+    detach: Callable[[], None]
+    optimize: bool = True  # False for the floor: its weight gradients are computed, never applied
+    extras: dict = field(default_factory=dict)
+
+
+def _new_params(model: nn.Module, before: set[int]) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if id(p) not in before]
+
+
+def _unwrap(model: nn.Module, targets: list[str]) -> None:
+    """Put the original conv modules back in place of peft's wrappers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
+
+
+def _peft_attach(model: nn.Module, targets: list[str], peft_config, lie: LieConfig | None = None) -> Adapted:
+    before = {id(p) for p in model.parameters()}
+    if lie is not None:
+        add_lie_adapters(model, lie)
+    elif hasattr(model, "add_adapter"):
+        model.add_adapter(peft_config)
+    else:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(peft_config, model)
+    return Adapted(_new_params(model, before), lambda: _unwrap(model, targets))
+
+
+def _exact(targets: list[str]) -> tuple[str, ...]:
+    return tuple(re.escape(t) for t in targets)
+
+
+def attach_lie(mode: str):
+    def attach(model, targets, rank):
+        config = LieConfig(rank=rank, mode=mode, attn_adapter="none", conv_targets=_exact(targets))
+        return _peft_attach(model, targets, None, lie=config)
+
+    return attach
+
+
+def attach_lora(model, targets, rank):
+    from peft import LoraConfig
+
+    return _peft_attach(model, targets, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)))
+
+
+def attach_hira(model, targets, rank):
+    """peft's own HiRA: base conv + a second conv with W ⊙ BA (peft 0.21 supports Conv2d)."""
+    from peft import HiraConfig
+
+    return _peft_attach(model, targets, HiraConfig(r=rank, target_modules=list(targets)))
+
+
+def attach_locon(model, targets, rank):
+    """LyCORIS LoCon ("lora" algo, its default weight-rebuild forward) on exactly `targets`."""
+    from lycoris import LycorisNetwork
+
+    LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [], "target_name": [f"{t}$" for t in _exact(targets)]})
+    network = LycorisNetwork(model, multiplier=1.0, lora_dim=rank, conv_lora_dim=rank, alpha=rank, conv_alpha=rank,
+                             network_module="locon", warn_on_unmatched=False)
+    if len(network.loras) != len(targets):
+        raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(targets)}.")
+    network.apply_to()
+    return Adapted(list(network.parameters()), network.restore, extras={"network": network})
+
+
+def attach_floor(model, targets, rank):
+    """The method's floor: frozen model, full weight gradients on the targeted convs, no optimizer."""
+    weights = [model.get_submodule(t).weight for t in targets]
+    return Adapted(weights, lambda: [w.requires_grad_(False) for w in weights], optimize=False)
+
+
+def attach_full(model, targets, rank):
+    """Full fine-tuning of every parameter (quality reference)."""
+    params = list(model.parameters())
+    return Adapted(params, lambda: model.requires_grad_(False))
+
+
+METHODS: dict[str, Callable[..., Adapted]] = {
+    "lie-exp": attach_lie("exp"),
+    "lie-taylor": attach_lie("taylor"),
+    "peft-lora": attach_lora,
+    "peft-hira": attach_hira,
+    "lycoris-locon": attach_locon,
+    "floor": attach_floor,
+    "full": attach_full,
+}
+TRAIN_PEERS = ("lie-exp", "lie-taylor", "peft-lora", "peft-hira", "lycoris-locon", "floor")
+
+
+def attach(method: str, model: nn.Module, targets: list[str], rank: int) -> Adapted:
+    """Attach `method`; afterwards exactly `adapted.params` require grad (trainable ones in fp32)."""
+    model.requires_grad_(False)
+    adapted = METHODS[method](model, targets, rank)
+    for p in adapted.params:
+        if adapted.optimize and p.dtype != torch.float32:
+            p.data = p.data.float()  # adapter weights train in fp32 even on a half-precision base
+        p.requires_grad_(True)
+    return adapted
+
+
+def count_params(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def randomize_zero_factors(adapted: Adapted, std: float = 1e-2, seed: int = 0) -> None:
+    """Give zero-initialised factors small random values, so an adapter is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapted.params:
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps, timing and memory.
+
+
+def unet_batch(model: nn.Module, batch: int, latent: int, device="cpu", dtype=torch.float32, seed: int = 0):
+    """(forward kwargs, target) for a UNet2DConditionModel: noisy latents, timesteps, text states, noise."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    kwargs = dict(
+        sample=torch.randn(batch, cfg.in_channels, latent, latent, generator=g),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        encoder_hidden_states=torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
+    )
+    target = torch.randn(batch, cfg.out_channels, latent, latent, generator=g)
+    kwargs = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in kwargs.items()}
+    return kwargs, target.to(device)
+
+
+def train_step(model, adapted: Adapted, inputs: dict, target, optimizer=True, autocast_dtype=None):
+    """A callable running one forward + backward (+ AdamW on the trainable params, if `optimizer`)."""
+    opt = torch.optim.AdamW(adapted.params, lr=1e-4) if optimizer and adapted.optimize else None
+    device = target.device.type
+
+    def step():
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            prediction = model(**inputs).sample
+        F.mse_loss(prediction.float(), target.float()).backward()
+        if opt is not None:
+            opt.step()
+        for p in adapted.params:
+            p.grad = None
+
+    return step
+
+
+def inference_step(model, inputs: dict, autocast_dtype=None):
+    device = inputs["sample"].device.type
+
+    @torch.no_grad()
+    def step():
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            model(**inputs)
+
+    return step
+
+
+def synchronizer(device) -> Callable[[], None]:
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def interleaved(cases: dict[str, Callable], reps: int, warmup: int = 1, sync=lambda: None, log=print):
+    """Seconds per call of each case: `warmup` untimed rounds, then `reps` rounds, each in a rotated order."""
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            start = time.perf_counter()
+            cases[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+        log(f"  round {rep + 1}/{reps}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
+    return times
+
+
+_libc = None
+
+
+def _release_cpu_memory() -> None:
+    """Hand freed memory back to the OS so RSS follows live tensors (glibc only; no-op elsewhere)."""
+    global _libc
+    gc.collect()
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: big blocks are mmapped, and unmapped on free
+            _libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_memory_mib(fn: Callable, device="cpu") -> float | None:
+    """Peak memory that one call of `fn` adds on top of what was live before it, in MiB.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the RSS high-water mark, reset through
+    /proc/self/clear_refs ("5"), minus the RSS before the call. None where neither is available.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    _release_cpu_memory()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports.
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def environment(device="cpu") -> dict:
+    """Versions and machine, stored beside every result."""
+    env = {"python": platform.python_version(), "machine": platform.machine(), "torch_threads": torch.get_num_threads()}
+    for package in ("torch", "diffusers", "peft", "lycoris-lora", "lie-diffusion"):
+        try:
+            env[package] = version(package)
+        except Exception:
+            env[package] = None
+    try:
+        cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        env["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
+    except OSError:
+        env["cpu"] = platform.processor()
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    env["date"] = time.strftime("%Y-%m-%d %H:%M")
+    return env
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, data: dict, markdown: str, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """results/<name>.json and results/<name>.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+def update_readme(section: str, markdown: str, readme: Path = README) -> None:
+    """Replace what lies between `<!-- bench:<section>:start -->` and `<!-- bench:<section>:end -->`."""
+    readme = Path(readme)
+    text = readme.read_text()
+    start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme} needs exactly one {start} ... {end} pair.")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,174 @@
+"""`lie-diffusion merge | inspect`: bake an adapter file into a standalone pipeline, or describe one.
+
+Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lie-diffusion",
+        description="Tools for lie-diffusion adapter files (LoRA-compatible safetensors with a Lie section).",
+    )
+    parser.add_argument("--version", action="version", version=f"lie-diffusion {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    merge = commands.add_parser(
+        "merge",
+        help="fold an adapter into a base pipeline and write a standalone pipeline folder",
+        description="Load a diffusers pipeline, fold an adapter file into its UNet and text encoder(s) "
+        "(W ⊙ exp(sΔ) for Lie, W + sBA for LoRA) and save a pipeline folder that stock diffusers loads.",
+    )
+    merge.add_argument("--base", required=True, help="base diffusers pipeline folder (or hub id)")
+    merge.add_argument("--weights", required=True, help="adapter .safetensors file, or a folder holding one")
+    merge.add_argument("--output", required=True, help="folder to write the merged pipeline to")
+    merge.add_argument("--scale", type=float, default=1.0, help="adapter strength (default: 1.0)")
+    merge.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default: fp32)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    merge.set_defaults(func=merge_command)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe an adapter file: sections, modules, ranks, mode, alpha, parameter counts",
+        description="Check an adapter file and describe it, including what stock diffusers would load from it.",
+    )
+    inspect.add_argument("file", help="adapter .safetensors file, or a folder holding one")
+    inspect.set_defaults(func=inspect_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(f"lie-diffusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI's contract is one line on stderr, not a traceback
+        kind = "" if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: "
+        print(f"lie-diffusion {args.command}: error: {kind}{' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def merge_command(args: argparse.Namespace) -> None:
+    import torch
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    from .inject import merge_lie_weights
+    from .io import load_lie_weights, read_lie_file
+
+    output = Path(args.output)
+    if output.exists() and (output.is_file() or any(output.iterdir())) and not args.overwrite:
+        raise ValueError(f"{output} exists and is not empty; pass --overwrite to replace it.")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    with tqdm(total=4, desc="lie-diffusion merge", unit="step") as progress:
+        progress.set_postfix_str("reading adapter")
+        adapter = read_lie_file(args.weights)  # checked before the (slow) base load
+        progress.update()
+        progress.set_postfix_str("loading base")
+        pipeline = DiffusionPipeline.from_pretrained(args.base, torch_dtype=torch.float32)
+        progress.update()
+        progress.set_postfix_str("merging")
+        load_lie_weights(pipeline, adapter, adapter_name="merge", scale=args.scale)
+        merge_lie_weights(pipeline)
+        pipeline.to(dtype=dtype)
+        progress.update()
+        progress.set_postfix_str("saving")
+        _save_atomically(pipeline, output)
+        progress.update()
+    print(f"Merged {adapter.path} (scale {args.scale:g}) into {args.base}; wrote {output} ({args.dtype}).")
+
+
+def _save_atomically(pipeline, output: Path) -> None:
+    """Build the folder beside `output`, then swap it in: a failure never leaves a half-written pipeline."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    staging = output.parent / f".{output.name}.tmp-{tag}"
+    staging.mkdir()
+    try:
+        pipeline.save_pretrained(str(staging))
+        if output.exists():
+            retired = output.parent / f".{output.name}.old-{tag}"
+            os.replace(output, retired)
+            os.replace(staging, output)
+            if retired.is_dir():
+                shutil.rmtree(retired)
+            else:
+                retired.unlink()
+        else:
+            os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_command(args: argparse.Namespace) -> None:
+    from .io import read_lie_file
+
+    print(describe(read_lie_file(args.file)))
+
+
+def describe(adapter) -> str:
+    """A human-readable report of a `LieFile`."""
+    info = adapter.info
+    lines = [f"File: {adapter.path} ({adapter.path.stat().st_size / 1024:.1f} KiB)"]
+    if info is None:
+        lines.append("Format: plain LoRA file (no lie_diffusion metadata)")
+    else:
+        lines.append(f"Format: lie_diffusion format_version {info['format_version']} ({info.get('writer', 'unknown writer')})")
+        lines.append(
+            f"Defaults: mode {info.get('mode') or '-'}, rank {info.get('rank')}, alpha {info.get('alpha')}; "
+            f"{len(info.get('overrides') or {})} module(s) override them"
+        )
+        fingerprint = (info.get("fingerprint") or {}).get("unet")
+        if fingerprint:
+            lines.append("Base UNet: " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
+
+    lines += ["", "Sections:"]
+    for section, title, prefix in (("lora", "LoRA", ""), ("lie", "Lie", "lie.")):
+        modules = adapter.section(section)
+        if not modules:
+            lines.append(f"  {title:<5} absent")
+            continue
+        per_component = ", ".join(f"{c} {len(adapter.section(section, c))}" for c in adapter.components if adapter.section(section, c))
+        keys = ", ".join(f"{prefix}{c}.*" for c in adapter.components if adapter.section(section, c))
+        params = sum(m.num_parameters for m in modules)
+        lines.append(f"  {title:<5} {len(modules)} modules ({per_component}), {params:,} parameters, keys {keys}")
+    lines.append(f"  Total {len(adapter.modules)} modules, {sum(m.num_parameters for m in adapter.modules):,} parameters")
+
+    lora, lie = adapter.section("lora"), adapter.section("lie")
+    if lora:
+        stock = f"pipe.load_lora_weights() loads the LoRA section ({len(lora)} modules)"
+        stock += f" and ignores the Lie section ({len(lie)} modules)." if lie else "; this is the whole adapter."
+    else:
+        stock = "sees no LoRA part: pipe.load_lora_weights() loads nothing from this file (use lie_diffusion)."
+    lines += ["", f"Stock diffusers: {stock}", "", "Modules:"]
+    rows = [("section", "kind", "rank", "alpha", "mode", "params", "module")]
+    for m in sorted(adapter.modules, key=lambda m: (m.section != "lie", m.ref)):
+        kind = "conv" if m.A.ndim == 4 else "linear"
+        rows.append((m.section, kind, str(m.rank), f"{m.alpha:g}", m.mode or "-", f"{m.num_parameters:,}", m.ref))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)

@@ -1,0 +1,609 @@
+"""The adapter file: one safetensors file that stock diffusers half-reads and lie-diffusion fully reads.
+
+Layout (docs/FORMAT.md has the full spec):
+
+* LoRA section: `<component>.<module>.lora_A.weight` / `.lora_B.weight` (component: `unet`,
+  `text_encoder`, `text_encoder_2`), with diffusers' `lora_adapter_metadata` describing a plain
+  `LoraConfig`, so `pipe.load_lora_weights` applies these with the right alpha.
+* Lie section: the same names under `lie.`; stock diffusers filters keys by component prefix and
+  so never sees them (it would otherwise add them as LoRA: silently wrong).
+* `lie_diffusion` metadata: format version, mode, rank, alpha, per-module overrides, targets and a
+  fingerprint of the base UNet's config.
+
+Factors are stored in float32 whatever the model's dtype: an exact superset of fp16/bf16, and the
+files are small. Loading validates the whole file against the model before changing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .functional import MODES
+from .inject import LieConfig, add_lie_adapters, find_targets, remove_adapter
+from .layers import LieLayerMixin
+
+FORMAT_VERSION = 1
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lie_diffusion"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; JSON of `LoraConfig` kwargs, prefixed by component
+LIE_PREFIX = "lie."
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SECTIONS = ("lora", "lie")
+# UNet config entries that fix adapter shapes and module names. Left out on purpose: in_channels (inpainting
+# UNets take the same adapters), sample_size and upcast_attention (SD2 base vs 768-v).
+FINGERPRINT_KEYS = (
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "num_attention_heads",
+    "transformer_layers_per_block",
+    "use_linear_projection",
+    "down_block_types",
+    "up_block_types",
+    "addition_embed_type",
+)
+_KEY_RE = re.compile(r"(?P<lie>lie\.)?(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+
+
+@dataclass
+class ModuleEntry:
+    """One adapted module as stored in a file: its factors and how to apply them."""
+
+    component: str
+    module: str
+    section: str  # "lora" (additive, W + sBA) or "lie" (multiplicative, W ⊙ M(sΔ))
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    mode: str | None  # Lie mode; None in the LoRA section
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def ref(self) -> str:
+        """The module's name in the file's namespace: `<component>.<module>`."""
+        return f"{self.component}.{self.module}"
+
+    @property
+    def key_prefix(self) -> str:
+        return (LIE_PREFIX if self.section == "lie" else "") + self.ref
+
+    @property
+    def num_parameters(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+
+@dataclass
+class LieFile:
+    """A parsed, self-consistent adapter file (checked on its own, not yet against a model)."""
+
+    path: Path
+    modules: list[ModuleEntry]
+    info: dict | None  # the `lie_diffusion` metadata; None for a plain LoRA file
+    lora_metadata: dict | None  # diffusers' `lora_adapter_metadata`
+
+    def section(self, section: str, component: str | None = None) -> list[ModuleEntry]:
+        return [m for m in self.modules if m.section == section and component in (None, m.component)]
+
+    @property
+    def components(self) -> list[str]:
+        return [c for c in COMPONENTS if any(m.component == c for m in self.modules)]
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+
+def save_lie_weights(
+    save_directory,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    adapter_name: str = "default",
+    weight_name: str = WEIGHT_NAME,
+    *,
+    text_encoder_2: nn.Module | None = None,
+) -> Path:
+    """Write adapter `adapter_name` of the given models to `save_directory/weight_name`; return the path.
+
+    Standard LoRA layers go to the LoRA section (what stock `load_lora_weights` reads), Lie layers to
+    the `lie.` section. The write is atomic: a failure never leaves a broken file where a good one was.
+    """
+    given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    models = {name: model for name, model in given.items() if model is not None}
+    if not models:
+        raise ValueError("save_lie_weights needs at least one of unet, text_encoder, text_encoder_2.")
+    entries = [entry for component, model in models.items() for entry in _collect(model, component, adapter_name)]
+    if not entries:
+        raise ValueError(f"No adapter named {adapter_name!r} in {', '.join(models)}: nothing to save.")
+    for entry in entries:
+        _check_finite(f"{entry.key_prefix}.lora_A.weight", entry.A, "model")
+        _check_finite(f"{entry.key_prefix}.lora_B.weight", entry.B, "model")
+
+    tensors = {}
+    for entry in entries:
+        tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A
+        tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(_lie_metadata(entries, models.get("unet")), sort_keys=True)}
+    lora_metadata = _lora_metadata(entries)
+    if lora_metadata:
+        metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)
+
+    directory = Path(save_directory)
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file; save_lie_weights expects a directory.")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / weight_name
+    _atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
+    return path
+
+
+def _collect(model: nn.Module, component: str, adapter_name: str) -> list[ModuleEntry]:
+    entries = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+            continue
+        unsupported = [
+            option
+            for option in ("use_dora", "use_rslora", "lora_bias")
+            if getattr(layer, option, {}).get(adapter_name, False)
+        ]
+        if unsupported:
+            raise ValueError(f"{component}.{name}: adapter {adapter_name!r} uses {unsupported}, which this format does not store.")
+        is_lie = isinstance(layer, LieLayerMixin)
+        entries.append(
+            ModuleEntry(
+                component=component,
+                module=name,
+                section="lie" if is_lie else "lora",
+                A=layer.lora_A[adapter_name].weight.detach().to("cpu", torch.float32).contiguous(),
+                B=layer.lora_B[adapter_name].weight.detach().to("cpu", torch.float32).contiguous(),
+                alpha=float(layer.lora_alpha[adapter_name]),
+                mode=layer.lie_mode[adapter_name] if is_lie else None,
+            )
+        )
+    return entries
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _lie_metadata(entries: list[ModuleEntry], unet: nn.Module | None) -> dict:
+    """Defaults are the most common values (of the Lie section when there is one); overrides list the rest."""
+    lie = [e for e in entries if e.section == "lie"]
+    reference = lie or entries
+    rank = _most_common(e.rank for e in reference)
+    alpha = _most_common(e.alpha for e in reference)
+    mode = _most_common(e.mode for e in lie) if lie else None
+    overrides = {}
+    for entry in entries:
+        override = {"rank": entry.rank} if entry.rank != rank else {}
+        if entry.alpha != alpha:
+            override["alpha"] = entry.alpha
+        if entry.section == "lie" and entry.mode != mode:
+            override["mode"] = entry.mode
+        if override:
+            overrides[entry.ref] = override
+    targets: dict[str, dict[str, list[str]]] = {}
+    for entry in entries:
+        targets.setdefault(entry.component, {}).setdefault(entry.section, []).append(entry.module)
+    from . import __version__
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "writer": f"lie-diffusion {__version__}",
+        "mode": mode,
+        "rank": rank,
+        "alpha": alpha,
+        "overrides": overrides,
+        "targets": targets,
+        "fingerprint": {"unet": unet_fingerprint(unet)} if unet is not None else {},
+    }
+
+
+def _lora_metadata(entries: list[ModuleEntry]) -> dict:
+    """diffusers' `lora_adapter_metadata`: per component, the kwargs of a plain `LoraConfig` for the LoRA section."""
+    metadata = {}
+    for component in COMPONENTS:
+        lora = [e for e in entries if e.section == "lora" and e.component == component]
+        if not lora:
+            continue
+        rank = _most_common(e.rank for e in lora)
+        alpha = _most_common(e.alpha for e in lora)
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": sorted(e.module for e in lora),
+            # peft matches pattern keys as regexes against the end of module names
+            "rank_pattern": {re.escape(e.module): e.rank for e in lora if e.rank != rank},
+            "alpha_pattern": {re.escape(e.module): e.alpha for e in lora if e.alpha != alpha},
+        }
+        metadata.update({f"{component}.{key}": value for key, value in config.items()})
+    return metadata
+
+
+def unet_fingerprint(unet: nn.Module) -> dict:
+    """The UNet config entries that decide adapter module names and shapes (JSON-ready)."""
+    config = getattr(unet, "config", {})
+    return {key: json.loads(json.dumps(config[key])) for key in FINGERPRINT_KEYS if key in config}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def resolve_weight_file(path_or_dir, weight_name: str | None = None) -> Path:
+    """The safetensors file meant by a file path, or by a directory (+ optional `weight_name`)."""
+    path = Path(path_or_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory.")
+    if path.is_file():
+        return path
+    if weight_name is not None or (path / WEIGHT_NAME).is_file():
+        file = path / (weight_name or WEIGHT_NAME)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file.")
+        return file
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "none"
+        raise FileNotFoundError(
+            f"{path}: expected {WEIGHT_NAME} or a single .safetensors file (found: {found}); pass weight_name."
+        )
+    return candidates[0]
+
+
+def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
+    """Read and check an adapter file on its own: keys, factor pairs and shapes, finite values, metadata."""
+    path = resolve_weight_file(path_or_dir, weight_name)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            header = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}).") from None
+    info = _json_metadata(path, header, METADATA_KEY)
+    lora_metadata = _json_metadata(path, header, LORA_METADATA_KEY)
+    if info is not None:
+        _check_version(path, info)
+
+    factors: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        match = _KEY_RE.fullmatch(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        section = "lie" if match["lie"] else "lora"
+        factors.setdefault((section, match["component"], match["module"]), {})[match["factor"]] = tensor
+        _check_finite(key, tensor, path)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
+        raise ValueError(
+            f"{path}: unexpected keys {shown}. lie-diffusion files hold only '<component>.<module>.lora_A.weight' / "
+            "'.lora_B.weight' keys (components: unet, text_encoder, text_encoder_2), optionally under 'lie.'; "
+            "load other LoRA formats with pipe.load_lora_weights."
+        )
+    if not factors:
+        raise ValueError(f"{path}: the file holds no adapter factors.")
+
+    modules = []
+    for (section, component, module), pair in sorted(factors.items()):
+        prefix = (LIE_PREFIX if section == "lie" else "") + f"{component}.{module}"
+        for have, missing in (("A", "B"), ("B", "A")):
+            if missing not in pair:
+                raise ValueError(
+                    f"{path}: {prefix}.lora_{have}.weight has no partner {prefix}.lora_{missing}.weight "
+                    "(truncated or hand-edited file?)."
+                )
+        _check_pair_shapes(path, prefix, pair["A"], pair["B"])
+        modules.append(ModuleEntry(component, module, section, pair["A"], pair["B"], alpha=math.nan, mode=None))
+    parsed = LieFile(path, modules, info, lora_metadata)
+    _check_duplicates(parsed)
+    if info is not None:
+        _apply_lie_metadata(parsed)
+    elif parsed.section("lie"):
+        raise ValueError(f"{path}: the file has a Lie section ('lie.' keys) but no '{METADATA_KEY}' metadata.")
+    else:
+        _apply_lora_metadata(parsed)
+    return parsed
+
+
+def _json_metadata(path: Path, header: dict, key: str) -> dict | None:
+    if key not in header:
+        return None
+    try:
+        value = json.loads(header[key])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: metadata '{key}' is not valid JSON ({error}).") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: metadata '{key}' must be a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _check_version(path: Path, info: dict) -> None:
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = " (written by a newer lie-diffusion? upgrade it)" if isinstance(version, int) and version > FORMAT_VERSION else ""
+        raise ValueError(
+            f"{path}: unknown {METADATA_KEY} format_version {version!r}{hint}; this lie-diffusion reads version "
+            f"{FORMAT_VERSION}."
+        )
+
+
+def _check_finite(key: str, tensor: torch.Tensor, where) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"{where}: {key} has dtype {tensor.dtype}; adapter factors must be floating point.")
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise ValueError(f"{where}: {key} holds {bad} NaN/inf value(s) of {tensor.numel()}.")
+
+
+def _check_pair_shapes(path: Path, prefix: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    shapes = f"lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}"
+    if A.ndim not in (2, 4) or B.ndim != A.ndim or B.shape[1] != A.shape[0] or (B.ndim == 4 and B.shape[2:] != (1, 1)):
+        raise ValueError(
+            f"{path}: {prefix} has factor shapes {shapes}; expected linear A (r, in), B (out, r) or conv "
+            "A (r, in, kh, kw), B (out, r, 1, 1)."
+        )
+
+
+def _check_duplicates(parsed: LieFile) -> None:
+    lie = {m.ref for m in parsed.section("lie")}
+    both = sorted(m.ref for m in parsed.section("lora") if m.ref in lie)
+    if both:
+        raise ValueError(f"{parsed.path}: {both[0]} appears in both the LoRA and the Lie section.")
+
+
+def _apply_lie_metadata(parsed: LieFile) -> None:
+    """Alpha and mode from the `lie_diffusion` metadata; its ranks and targets must agree with the tensors."""
+    info, path = parsed.info, parsed.path
+    overrides = info.get("overrides") or {}
+    for module in parsed.modules:
+        values = {"rank": info.get("rank"), "alpha": info.get("alpha"), "mode": info.get("mode")}
+        values.update(overrides.get(module.ref, {}))
+        if values["rank"] != module.rank:
+            raise ValueError(
+                f"{path}: {module.key_prefix} has rank {module.rank} (lora_A {tuple(module.A.shape)}) but the "
+                f"metadata says rank {values['rank']}."
+            )
+        alpha = values["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"{path}: {module.key_prefix} has invalid alpha {alpha!r} in the metadata.")
+        module.alpha = float(alpha)
+        if module.section == "lie":
+            if values["mode"] not in MODES:
+                raise ValueError(f"{path}: {module.key_prefix} has Lie mode {values['mode']!r}; expected one of {MODES}.")
+            module.mode = values["mode"]
+    targets = info.get("targets")
+    if targets is not None:
+        listed = {(c, s, m) for c, sections in targets.items() for s, names in sections.items() for m in names}
+        present = {(m.component, m.section, m.module) for m in parsed.modules}
+        for component, section, module in sorted(listed ^ present):
+            prefix = (LIE_PREFIX if section == "lie" else "") + f"{component}.{module}"
+            if (component, section, module) in listed:
+                raise ValueError(f"{path}: the metadata lists {prefix} but the file has no factors for it (truncated?).")
+            raise ValueError(f"{path}: {prefix} has factors but is not among the metadata's targets.")
+
+
+def _apply_lora_metadata(parsed: LieFile) -> None:
+    """A plain LoRA file: alpha from diffusers' metadata when present (peft pattern rules), else alpha = rank."""
+    for module in parsed.modules:
+        module.alpha = float(module.rank)
+        config = {
+            k.removeprefix(f"{module.component}."): v
+            for k, v in (parsed.lora_metadata or {}).items()
+            if k.startswith(f"{module.component}.")
+        }
+        unsupported = [option for option in ("use_dora", "use_rslora", "lora_bias") if config.get(option)]
+        if unsupported:
+            raise ValueError(
+                f"{parsed.path}: the {module.component} LoRA uses {unsupported}; load it with pipe.load_lora_weights."
+            )
+        if "lora_alpha" in config:
+            module.alpha = float(config["lora_alpha"])
+        for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module.module):
+                module.alpha = float(alpha)
+                break
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _ComponentPlan:
+    """How one model gets the file's modules: a LieConfig, per-module (rank, alpha), tensors by model name."""
+
+    model: nn.Module
+    config: LieConfig
+    overrides: dict[str, tuple[int, float]]
+    entries: dict[str, ModuleEntry]  # model module name -> entry
+
+
+def _components_of(pipeline_or_unet) -> dict[str, nn.Module]:
+    if isinstance(pipeline_or_unet, nn.Module):
+        return {"unet": pipeline_or_unet}
+    models = {name: getattr(pipeline_or_unet, name, None) for name in COMPONENTS}
+    models = {name: model for name, model in models.items() if isinstance(model, nn.Module)}
+    if not models:
+        raise TypeError(
+            f"load_lie_weights expects a UNet or a pipeline with a unet/text_encoder, got {type(pipeline_or_unet).__name__}."
+        )
+    return models
+
+
+def _resolve_module(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The model's name for a file's module name; CLIP text encoders differ in a leading `text_model.` by version."""
+    for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
+        if candidate in modules:
+            return candidate
+    return None
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple, tuple] | None:
+    if isinstance(layer, nn.Conv2d):
+        return (rank, layer.in_channels // layer.groups, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    if isinstance(layer, nn.Linear):
+        return (rank, layer.in_features), (layer.out_features, rank)
+    return None
+
+
+def _fingerprint_diff(parsed: LieFile, unet: nn.Module | None) -> str:
+    saved = ((parsed.info or {}).get("fingerprint") or {}).get("unet")
+    if not saved or unet is None:
+        return ""
+    current = unet_fingerprint(unet)
+    diffs = [f"{k} {saved[k]} (file) vs {current[k]} (model)" for k in saved if k in current and saved[k] != current[k]]
+    return "; ".join(diffs)
+
+
+def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> dict[str, _ComponentPlan]:
+    """Check every module of the file against the models; raise before anything is changed."""
+    path, problems = parsed.path, []
+    plans = {}
+    for component in parsed.components:
+        if component not in models:
+            continue
+        model = models[component]
+        if adapter_name in (getattr(model, "peft_config", None) or {}):
+            raise ValueError(f"{component} already has an adapter named {adapter_name!r}; choose another adapter_name.")
+        modules = dict(model.named_modules())
+        entries, kinds = {}, {}
+        for entry in parsed.modules:
+            if entry.component != component:
+                continue
+            name = _resolve_module(entry.module, modules)
+            if name is None:
+                problems.append(f"{entry.key_prefix}: {component} has no module {entry.module!r}")
+                continue
+            layer = _base_layer(modules[name])
+            expected = _expected_shapes(layer, entry.rank)
+            if expected is None:
+                problems.append(f"{entry.key_prefix}: {component}.{name} is a {type(layer).__name__}, not Linear/Conv2d")
+                continue
+            if (tuple(entry.A.shape), tuple(entry.B.shape)) != expected:
+                problems.append(
+                    f"{entry.key_prefix}: factor shapes lora_A {tuple(entry.A.shape)}, lora_B {tuple(entry.B.shape)} "
+                    f"do not fit {type(layer).__name__} {tuple(layer.weight.shape)} (expected {expected[0]}, {expected[1]})"
+                )
+                continue
+            if entry.section == "lora" and isinstance(layer, nn.Conv2d):
+                problems.append(
+                    f"{entry.key_prefix}: LoRA factors on a Conv2d are not supported here (convolutions take Lie "
+                    "adapters); load plain conv-LoRA files with pipe.load_lora_weights"
+                )
+                continue
+            entries[name] = entry
+            kinds.setdefault(type(layer), set()).add(entry.section)
+        if len(kinds.get(nn.Linear, ())) > 1:
+            problems.append(f"{component}: the file mixes LoRA and Lie adapters on Linear layers, which one adapter cannot hold")
+        if entries:
+            plans[component] = _component_plan(model, entries, nn.Linear in kinds and "lie" in kinds[nn.Linear])
+    if problems:
+        diff = _fingerprint_diff(parsed, models.get("unet"))
+        hint = f" The file was saved for another base model: {diff}." if diff else ""
+        shown = "; ".join(problems[:5]) + (f"; ... (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise ValueError(f"{path}: does not fit the model: {shown}.{hint}")
+    if not plans:
+        raise ValueError(
+            f"{path}: holds adapters for {parsed.components} but the target has only {sorted(models)}; nothing to load."
+        )
+    skipped = [c for c in parsed.components if c not in models]
+    if skipped:
+        warnings.warn(f"{path}: the target has no {skipped}; their adapters were not loaded.", stacklevel=3)
+    diff = _fingerprint_diff(parsed, models.get("unet"))
+    if diff:
+        warnings.warn(f"{path}: the file was saved for a UNet with a different config ({diff}).", stacklevel=3)
+    return plans
+
+
+def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linear: bool) -> _ComponentPlan:
+    reference = [e for e in entries.values() if e.section == "lie"] or list(entries.values())
+    first = reference[0]
+    convs = sorted(n for n in entries if isinstance(_base_layer(model.get_submodule(n)), nn.Conv2d))
+    linears = sorted(n for n in entries if n not in convs)
+    config = LieConfig(
+        rank=first.rank,
+        alpha=first.alpha,
+        mode=first.mode or "exp",
+        attn_adapter=("lie" if lie_linear else "lora") if linears else "none",
+        conv_targets=tuple(re.escape(n) for n in convs),
+        attn_targets=tuple(re.escape(n) for n in linears),
+    )
+    found = find_targets(model, config)
+    if (sorted(found[0]), sorted(found[1])) != (convs, linears):
+        raise RuntimeError(f"lie-diffusion: target selection mismatch for {sorted(entries)} (please report).")
+    overrides = {name: (entry.rank, entry.alpha) for name, entry in entries.items()}
+    return _ComponentPlan(model, config, overrides, entries)
+
+
+def load_lie_weights(pipeline_or_unet, path_or_dir, adapter_name: str = "default", scale: float = 1.0, *, weight_name=None):
+    """Load an adapter file (both sections) into a pipeline or a UNet as adapter `adapter_name`.
+
+    `path_or_dir`: a .safetensors file, a directory holding one, or a `LieFile` from `read_lie_file`.
+
+    The whole file is checked against the model first; on any error the model is left exactly as it
+    was. `scale` multiplies the adapter's alpha/rank scaling, like the weights of `set_adapters`.
+    Returns the parsed file.
+    """
+    parsed = path_or_dir if isinstance(path_or_dir, LieFile) else read_lie_file(path_or_dir, weight_name)
+    plans = _plan(parsed, _components_of(pipeline_or_unet), adapter_name)
+    trainable = {c: [(p, p.requires_grad) for p in plan.model.parameters()] for c, plan in plans.items()}
+    injected = []
+    try:
+        for component, plan in plans.items():
+            add_lie_adapters(plan.model, plan.config, adapter_name, overrides=plan.overrides)
+            injected.append(component)
+            _fill(plan, adapter_name, scale)
+    except BaseException:
+        for component in injected:
+            remove_adapter(plans[component].model, adapter_name)
+        for flags in trainable.values():
+            for param, flag in flags:
+                param.requires_grad_(flag)
+        raise
+    return parsed
+
+
+@torch.no_grad()
+def _fill(plan: _ComponentPlan, adapter_name: str, scale: float) -> None:
+    for name, entry in plan.entries.items():
+        layer = plan.model.get_submodule(name)
+        layer.lora_A[adapter_name].weight.copy_(entry.A)
+        layer.lora_B[adapter_name].weight.copy_(entry.B)
+        if entry.section == "lie":
+            layer.lie_mode[adapter_name] = entry.mode
+        layer.set_scale(adapter_name, scale)
