@@ -57,7 +57,9 @@ def build_unet(size: str, device="cpu", dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**UNET_CONFIGS[size])
-    return unet.to(dtype).eval().requires_grad_(False)
+    if dtype != unet.dtype:
+        unet = unet.to(dtype)
+    return unet.eval().requires_grad_(False)
 
 
 def conv_targets(model: nn.Module) -> list[str]:
@@ -187,13 +189,13 @@ def count_params(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def randomize_zero_factors(adapted: Adapted, std: float = 1e-2, seed: int = 0) -> None:
+def randomize_zero_factors(params, std: float = 1e-2, seed: int = 0) -> None:
     """Give zero-initialised factors small random values, so an adapter is not the identity."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in adapted.params:
+        for p in params:
             if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * std)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def train(base: Path, instances: Path, output: Path, steps: int) -> None:
     ]
     print("$ accelerate launch " + shlex.join(command[3:]), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: more threads only add overhead (10x on a busy CPU)
     subprocess.run(command, check=True, env=env)
 
 

@@ -136,7 +136,9 @@ def describe(adapter) -> str:
     if info is None:
         lines.append("Format: plain LoRA file (no lie_diffusion metadata)")
     else:
-        lines.append(f"Format: lie_diffusion format_version {info['format_version']} ({info.get('writer', 'unknown writer')})")
+        lines.append(
+            f"Format: lie_diffusion format_version {info['format_version']} ({info.get('writer', 'unknown writer')})"
+        )
         lines.append(
             f"Defaults: mode {info.get('mode') or '-'}, rank {info.get('rank')}, alpha {info.get('alpha')}; "
             f"{len(info.get('overrides') or {})} module(s) override them"
@@ -151,11 +153,15 @@ def describe(adapter) -> str:
         if not modules:
             lines.append(f"  {title:<5} absent")
             continue
-        per_component = ", ".join(f"{c} {len(adapter.section(section, c))}" for c in adapter.components if adapter.section(section, c))
+        per_component = ", ".join(
+            f"{c} {len(adapter.section(section, c))}" for c in adapter.components if adapter.section(section, c)
+        )
         keys = ", ".join(f"{prefix}{c}.*" for c in adapter.components if adapter.section(section, c))
         params = sum(m.num_parameters for m in modules)
         lines.append(f"  {title:<5} {len(modules)} modules ({per_component}), {params:,} parameters, keys {keys}")
-    lines.append(f"  Total {len(adapter.modules)} modules, {sum(m.num_parameters for m in adapter.modules):,} parameters")
+    lines.append(
+        f"  Total {len(adapter.modules)} modules, {sum(m.num_parameters for m in adapter.modules):,} parameters"
+    )
 
     lora, lie = adapter.section("lora"), adapter.section("lie")
     if lora:
@@ -170,5 +176,7 @@ def describe(adapter) -> str:
         rows.append((m.section, kind, str(m.rank), f"{m.alpha:g}", m.mode or "-", f"{m.num_parameters:,}", m.ref))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        lines.append(
+            "  " + "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        )
     return "\n".join(lines)

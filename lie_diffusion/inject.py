@@ -56,7 +56,8 @@ class LieConfig:
                 raise ValueError(f"LieConfig.{name} must be a positive integer, got {value!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LieConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-        self.conv_targets, self.attn_targets = tuple(self.conv_targets), tuple(self.attn_targets)
+        # A lone string is one pattern (tuple("conv1") would be five one-letter patterns).
+        self.conv_targets, self.attn_targets = _as_patterns(self.conv_targets), _as_patterns(self.attn_targets)
         for pattern in self.conv_targets + self.attn_targets:
             try:
                 re.compile(pattern)
@@ -74,6 +75,10 @@ class LieConfig:
         return rank, float(rank if alpha is None else alpha)
 
 
+def _as_patterns(targets: str | Iterable[str]) -> tuple[str, ...]:
+    return (targets,) if isinstance(targets, str) else tuple(targets)
+
+
 def _suffix_regex(patterns: Iterable[str]) -> re.Pattern | None:
     patterns = list(patterns)
     return re.compile(r"(?:.*\.)?(?:" + "|".join(f"(?:{p})" for p in patterns) + ")") if patterns else None
@@ -87,8 +92,12 @@ def find_targets(model: nn.Module, config: LieConfig) -> tuple[list[str], list[s
     """(conv module names, attention module names) that `config` selects in `model`."""
     conv_re = _suffix_regex(config.conv_targets)
     attn_re = _suffix_regex(config.attn_targets if config.attn_adapter != "none" else ())
-    convs, attns = [], []
+    convs, attns, tuner_prefix = [], [], None
     for name, module in model.named_modules():
+        if tuner_prefix and name.startswith(tuner_prefix):
+            continue  # the parts of an adapted layer (base_layer, lora_A, ...) are never targets themselves
+        if isinstance(module, BaseTunerLayer):
+            tuner_prefix = name + "."
         base = _base(module)
         if isinstance(base, nn.Conv2d) and conv_re is not None and conv_re.fullmatch(name):
             convs.append(name)
@@ -121,7 +130,7 @@ def build_peft_config(config: LieConfig, convs: list[str], attns: list[str], ove
     return peft_config
 
 
-def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_name: str) -> None:
+def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_name: str, overrides) -> None:
     if not convs and not attns:
         raise ValueError(
             f"LieConfig selects no module of {type(model).__name__}: conv_targets={config.conv_targets} matched no "
@@ -129,6 +138,11 @@ def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_na
         )
     if adapter_name in (getattr(model, "peft_config", None) or {}):
         raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}.")
+    for name, (rank, _) in (overrides or {}).items():
+        if name not in convs and name not in attns:
+            raise ValueError(f"overrides name {name!r}, which the LieConfig does not target in {type(model).__name__}.")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"overrides give {name} rank {rank!r}; ranks are positive integers.")
     modules = dict(model.named_modules())
     wants_lie = set(convs) | (set(attns) if config.attn_adapter == "lie" else set())
     for name in convs + attns:
@@ -150,7 +164,7 @@ def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "d
     dtype), so optimizer steps are not lost to rounding. On any error the model is left as it was.
     """
     convs, attns = find_targets(model, config)
-    _check_targets(model, config, convs, attns, adapter_name)
+    _check_targets(model, config, convs, attns, adapter_name, overrides)
     peft_config = build_peft_config(config, convs, attns, overrides)
     peft_loaded = getattr(model, "_hf_peft_config_loaded", None)
     try:

@@ -57,7 +57,9 @@ FINGERPRINT_KEYS = (
     "up_block_types",
     "addition_embed_type",
 )
-_KEY_RE = re.compile(r"(?P<lie>lie\.)?(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+_KEY_RE = re.compile(
+    r"(?P<lie>lie\.)?(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight"
+)
 
 
 @dataclass
@@ -164,7 +166,9 @@ def _collect(model: nn.Module, component: str, adapter_name: str) -> list[Module
             if getattr(layer, option, {}).get(adapter_name, False)
         ]
         if unsupported:
-            raise ValueError(f"{component}.{name}: adapter {adapter_name!r} uses {unsupported}, which this format does not store.")
+            raise ValueError(
+                f"{component}.{name}: adapter {adapter_name!r} uses {unsupported}, which this format does not store."
+            )
         is_lie = isinstance(layer, LieLayerMixin)
         entries.append(
             ModuleEntry(
@@ -352,7 +356,11 @@ def _json_metadata(path: Path, header: dict, key: str) -> dict | None:
 def _check_version(path: Path, info: dict) -> None:
     version = info.get("format_version")
     if version != FORMAT_VERSION:
-        hint = " (written by a newer lie-diffusion? upgrade it)" if isinstance(version, int) and version > FORMAT_VERSION else ""
+        hint = (
+            " (written by a newer lie-diffusion? upgrade it)"
+            if isinstance(version, int) and version > FORMAT_VERSION
+            else ""
+        )
         raise ValueError(
             f"{path}: unknown {METADATA_KEY} format_version {version!r}{hint}; this lie-diffusion reads version "
             f"{FORMAT_VERSION}."
@@ -386,7 +394,14 @@ def _check_duplicates(parsed: LieFile) -> None:
 def _apply_lie_metadata(parsed: LieFile) -> None:
     """Alpha and mode from the `lie_diffusion` metadata; its ranks and targets must agree with the tensors."""
     info, path = parsed.info, parsed.path
-    overrides = info.get("overrides") or {}
+    overrides, targets = info.get("overrides") or {}, info.get("targets")
+    well_formed = isinstance(overrides, dict) and all(isinstance(v, dict) for v in overrides.values())
+    if targets is not None:
+        well_formed &= isinstance(targets, dict) and all(
+            isinstance(t, dict) and all(isinstance(names, list) for names in t.values()) for t in targets.values()
+        )
+    if not well_formed:
+        raise ValueError(f"{path}: '{METADATA_KEY}' overrides/targets are malformed (see docs/FORMAT.md).")
     for module in parsed.modules:
         values = {"rank": info.get("rank"), "alpha": info.get("alpha"), "mode": info.get("mode")}
         values.update(overrides.get(module.ref, {}))
@@ -401,16 +416,21 @@ def _apply_lie_metadata(parsed: LieFile) -> None:
         module.alpha = float(alpha)
         if module.section == "lie":
             if values["mode"] not in MODES:
-                raise ValueError(f"{path}: {module.key_prefix} has Lie mode {values['mode']!r}; expected one of {MODES}.")
+                raise ValueError(
+                    f"{path}: {module.key_prefix} has Lie mode {values['mode']!r}; expected one of {MODES}."
+                )
             module.mode = values["mode"]
-    targets = info.get("targets")
     if targets is not None:
         listed = {(c, s, m) for c, sections in targets.items() for s, names in sections.items() for m in names}
         present = {(m.component, m.section, m.module) for m in parsed.modules}
-        for component, section, module in sorted(listed ^ present):
-            prefix = (LIE_PREFIX if section == "lie" else "") + f"{component}.{module}"
-            if (component, section, module) in listed:
-                raise ValueError(f"{path}: the metadata lists {prefix} but the file has no factors for it (truncated?).")
+        mismatched = sorted(listed ^ present)
+        if mismatched:
+            component, section, name = mismatched[0]
+            prefix = (LIE_PREFIX if section == "lie" else "") + f"{component}.{name}"
+            if mismatched[0] in listed:
+                raise ValueError(
+                    f"{path}: the metadata lists {prefix} but the file has no factors for it (truncated?)."
+                )
             raise ValueError(f"{path}: {prefix} has factors but is not among the metadata's targets.")
 
 
@@ -456,7 +476,8 @@ def _components_of(pipeline_or_unet) -> dict[str, nn.Module]:
     models = {name: model for name, model in models.items() if isinstance(model, nn.Module)}
     if not models:
         raise TypeError(
-            f"load_lie_weights expects a UNet or a pipeline with a unet/text_encoder, got {type(pipeline_or_unet).__name__}."
+            "load_lie_weights expects a UNet or a pipeline with a unet/text_encoder, "
+            f"got {type(pipeline_or_unet).__name__}."
         )
     return models
 
@@ -501,7 +522,7 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
         if adapter_name in (getattr(model, "peft_config", None) or {}):
             raise ValueError(f"{component} already has an adapter named {adapter_name!r}; choose another adapter_name.")
         modules = dict(model.named_modules())
-        entries, kinds = {}, {}
+        entries, linear_sections = {}, set()
         for entry in parsed.modules:
             if entry.component != component:
                 continue
@@ -512,12 +533,15 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
             layer = _base_layer(modules[name])
             expected = _expected_shapes(layer, entry.rank)
             if expected is None:
-                problems.append(f"{entry.key_prefix}: {component}.{name} is a {type(layer).__name__}, not Linear/Conv2d")
+                problems.append(
+                    f"{entry.key_prefix}: {component}.{name} is a {type(layer).__name__}, not Linear/Conv2d"
+                )
                 continue
             if (tuple(entry.A.shape), tuple(entry.B.shape)) != expected:
                 problems.append(
                     f"{entry.key_prefix}: factor shapes lora_A {tuple(entry.A.shape)}, lora_B {tuple(entry.B.shape)} "
-                    f"do not fit {type(layer).__name__} {tuple(layer.weight.shape)} (expected {expected[0]}, {expected[1]})"
+                    f"do not fit {type(layer).__name__} {tuple(layer.weight.shape)} "
+                    f"(expected {expected[0]}, {expected[1]})"
                 )
                 continue
             if entry.section == "lora" and isinstance(layer, nn.Conv2d):
@@ -527,11 +551,14 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
                 )
                 continue
             entries[name] = entry
-            kinds.setdefault(type(layer), set()).add(entry.section)
-        if len(kinds.get(nn.Linear, ())) > 1:
-            problems.append(f"{component}: the file mixes LoRA and Lie adapters on Linear layers, which one adapter cannot hold")
+            if isinstance(layer, nn.Linear):
+                linear_sections.add(entry.section)
+        if len(linear_sections) > 1:
+            problems.append(
+                f"{component}: the file mixes LoRA and Lie adapters on Linear layers, which one adapter cannot hold"
+            )
         if entries:
-            plans[component] = _component_plan(model, entries, nn.Linear in kinds and "lie" in kinds[nn.Linear])
+            plans[component] = _component_plan(model, entries, lie_linear="lie" in linear_sections)
     if problems:
         diff = _fingerprint_diff(parsed, models.get("unet"))
         hint = f" The file was saved for another base model: {diff}." if diff else ""
@@ -570,7 +597,9 @@ def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linea
     return _ComponentPlan(model, config, overrides, entries)
 
 
-def load_lie_weights(pipeline_or_unet, path_or_dir, adapter_name: str = "default", scale: float = 1.0, *, weight_name=None):
+def load_lie_weights(
+    pipeline_or_unet, path_or_dir, adapter_name: str = "default", scale: float = 1.0, *, weight_name=None
+):
     """Load an adapter file (both sections) into a pipeline or a UNet as adapter `adapter_name`.
 
     `path_or_dir`: a .safetensors file, a directory holding one, or a `LieFile` from `read_lie_file`.

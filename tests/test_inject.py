@@ -15,10 +15,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lie_diffusion import LieConfig, add_lie_adapters, merge_lie_weights
+from lie_diffusion.inject import find_targets, remove_adapter
 from lie_diffusion.layers import LieConv2d, LieLayerMixin, LieLinear
 from lie_diffusion.tiny import tiny_text_encoder, tiny_unet
 
-pytestmark = pytest.mark.filterwarnings("ignore:Already following adapters", "ignore:All adapters are already")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Already following adapters", "ignore:All adapters are already", "ignore:Already found a `peft_config`"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -124,6 +127,63 @@ def test_default_targets_identity_and_trainable_parameters(kind):
     with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
     assert with_grad == set(trainable), f"unexpected grads: {sorted(with_grad ^ set(trainable))[:5]}"
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in trainable.values())
+
+
+def test_broad_patterns_never_target_the_parts_of_adapted_layers():
+    unet = add_lie_adapters(tiny_unet("sd1"), LieConfig(), "a")
+    broad = LieConfig(conv_targets=(r"conv.*",), attn_targets=(r"to_.*",))
+    convs, attns = find_targets(unet, broad)
+    assert not [n for n in convs + attns if ".lora_" in n or ".base_layer" in n]
+    add_lie_adapters(unet, broad, "b")
+    for name, m in unet.named_modules():
+        if isinstance(m, LoraLayer):
+            assert ".lora_" not in name and ".base_layer" not in name, name
+            assert not isinstance(m.get_base_layer(), LoraLayer), f"{name} wraps an adapter layer"
+    lie, lora = adapted_names(unet)
+    assert {"conv_in", "conv_out", "down_blocks.0.resnets.0.conv1"} <= lie
+    assert {n for n in lora if n.endswith("to_out.0")} and not {n for n in lora if "lora" in n}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointing re-runs the op's forward; with dropout the RNG replay must give the same masks."""
+    unet = randomize(add_lie_adapters(tiny_unet("sd1"), LieConfig(dropout=0.3))).train()
+    args, kwargs = unet_inputs(unet)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.zero_grad()
+        torch.manual_seed(5)
+        unet(*args, **kwargs).sample.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_unet_adapter_gradients_match_finite_differences():
+    """Acceptance: in float64, the analytic directional derivative along a random direction of all adapter
+    parameters (Lie convs and LoRA projections) equals the central finite difference of the loss."""
+    unet = randomize(add_lie_adapters(tiny_unet("sd1"), LieConfig(rank=2)), std=0.2).double()
+    args, kwargs = unet_inputs(unet, batch=1)
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    direction = [torch.randn_like(p) for p in params]
+
+    def loss():
+        return unet(*args, **kwargs).sample.square().mean()
+
+    loss().backward()
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    eps, values = 1e-6, []
+    with torch.no_grad():
+        for sign in (1, -2, 1):  # +eps, then -eps, then back
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            values.append(loss().item())
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert abs(analytic) > 1e-6
+    assert numeric == pytest.approx(analytic, rel=1e-5), (numeric, analytic)
 
 
 @pytest.mark.parametrize("attn_adapter", ["lie", "none"])
@@ -348,6 +408,27 @@ def test_merge_lie_weights_leaves_a_stock_model(tmp_path):
     torch.testing.assert_close(run(reloaded), adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_merge_lie_weights_named_adapters_and_remove_adapter():
+    unet = tiny_unet("sd1")
+    base = run(unet)
+    add_lie_adapters(unet, LieConfig(), "a")
+    add_lie_adapters(unet, LieConfig(mode="taylor", attn_adapter="none"), "b")
+    randomize(unet)
+    unet.set_adapters(["a"], [0.5])
+    only_a = run(unet)
+    unet.set_adapters(["a", "b"], [0.5, 1.0])
+    merged = merge_lie_weights(copy.deepcopy(unet), adapter_names=["a"])  # "b" is dropped, not merged
+    torch.testing.assert_close(run(merged), only_a, rtol=1e-5, atol=1e-5)
+
+    remove_adapter(unet, "a")
+    assert list(unet.peft_config) == ["b"] and not adapted_names(unet)[1], "LoRA layers that held only 'a' are gone"
+    unet.set_adapters(["b"], [1.0])
+    remove_adapter(unet, "b")
+    assert not any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+    assert getattr(unet, "peft_config", None) is None and not unet._hf_peft_config_loaded
+    torch.testing.assert_close(run(unet), base, rtol=0, atol=1e-6)
+
+
 # --- errors leave the model as it was ------------------------------------------------------------------
 
 
@@ -368,6 +449,16 @@ def test_merge_lie_weights_leaves_a_stock_model(tmp_path):
 def test_lie_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LieConfig(**kwargs)
+
+
+def test_lie_config_defaults_and_single_pattern():
+    config = LieConfig(rank=8, conv_targets="conv1", attn_targets=[r"to_q"])
+    assert config.conv_targets == ("conv1",) and config.attn_targets == ("to_q",)
+    assert config.conv_rank_alpha == (8, 8.0) and config.attn_rank_alpha == (8, 8.0)
+    assert LieConfig(rank=4, alpha=2, attn_rank=2).attn_rank_alpha == (2, 2.0)
+    unet = add_lie_adapters(tiny_unet("sd1"), config)
+    lie, lora = adapted_names(unet)
+    assert lie and all(n.endswith(".conv1") for n in lie) and lora and all(n.endswith(".to_q") for n in lora)
 
 
 def snapshot(model):
@@ -402,6 +493,8 @@ def _grouped(unet):
         ("duplicate", lambda u: add_lie_adapters(u, LieConfig()), LieConfig(), "already has an adapter named"),
         ("plain LoRA", lambda u: u.add_adapter(LoraConfig(r=2, target_modules=["conv1"]), "plain") or u,
          LieConfig(), r"down_blocks\.0\.resnets\.0\.conv1 already carries plain LoRA"),
+        ("unknown override", lambda u: u, (LieConfig(), {"conv_in": (2, 2.0)}), "'conv_in', which the LieConfig does not"),
+        ("zero-rank override", lambda u: u, (LieConfig(), {"mid_block.resnets.0.conv1": (0, 1.0)}), "rank 0"),
         ("groups", _grouped, LieConfig(), r"up_blocks\.1\.resnets\.1\.conv2.*groups=2"),
         ("groups, second adapter", lambda u: add_lie_adapters(_grouped(u), LieConfig(conv_targets=("conv1",)), "x"),
          LieConfig(), r"up_blocks\.1\.resnets\.1\.conv2.*groups=2"),
@@ -409,9 +502,10 @@ def _grouped(unet):
 )
 def test_add_lie_adapters_errors_leave_model_unchanged(case, prepare, config, match):
     unet = prepare(tiny_unet("sd1"))
+    config, overrides = config if isinstance(config, tuple) else (config, None)
     before = snapshot(unet)
     with pytest.raises(ValueError, match=match):
-        add_lie_adapters(unet, copy.deepcopy(config))
+        add_lie_adapters(unet, copy.deepcopy(config), overrides=overrides)
     assert_unchanged(unet, before)
 
 
@@ -457,14 +551,24 @@ def test_pipeline_level_methods(tiny_pipeline_dir):
     pipe.enable_lora()
     assert_outputs_close(pipeline_outputs(pipe), adapted)
 
-    merged = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
-    for name in ("unet", "text_encoder"):  # the same adapters, then merged and unloaded
-        component = getattr(merged, name)
-        add_lie_adapters(component, LieConfig(), "x")
-        component.load_state_dict(getattr(pipe, name).state_dict())
-    assert merge_lie_weights(merged) is merged
-    assert not any(isinstance(m, BaseTunerLayer) for c in (merged.unet, merged.text_encoder) for m in c.modules())
+    def adapted_copy():
+        other = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+        for name in ("unet", "text_encoder"):
+            add_lie_adapters(getattr(other, name), LieConfig(), "x")
+            getattr(other, name).load_state_dict(getattr(pipe, name).state_dict())
+        return other
+
+    def plain(other):
+        return not any(isinstance(m, BaseTunerLayer) for c in (other.unet, other.text_encoder) for m in c.modules())
+
+    merged = adapted_copy()
+    assert merge_lie_weights(merged) is merged and plain(merged)
     assert_outputs_close(pipeline_outputs(merged), adapted)
+    fused = adapted_copy()
+    fused.fuse_lora()
+    fused.unload_lora_weights()  # diffusers' recipe to keep a fused model
+    assert plain(fused)
+    assert_outputs_close(pipeline_outputs(fused), adapted)
 
     pipe.delete_adapters("x")
     assert pipe.get_list_adapters() == {}

@@ -20,7 +20,14 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 import lie_diffusion.io as lie_io
-from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, merge_lie_weights, read_lie_file, save_lie_weights
+from lie_diffusion import (
+    LieConfig,
+    add_lie_adapters,
+    load_lie_weights,
+    merge_lie_weights,
+    read_lie_file,
+    save_lie_weights,
+)
 from lie_diffusion.layers import LieLayerMixin
 from lie_diffusion.tiny import tiny_text_encoder, tiny_unet, tiny_vae
 
@@ -32,8 +39,13 @@ LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 def tiny_pipeline(kind: str = "sd1") -> StableDiffusionPipeline:
     """A fresh StableDiffusionPipeline from configs (same weights every call; no disk, no tokenizer)."""
     return StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=None, unet=tiny_unet(kind),
-        scheduler=DDPMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(),
+        tokenizer=None,
+        unet=tiny_unet(kind),
+        scheduler=DDPMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -71,7 +83,7 @@ def outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def conv_lie_reference(conv, x, factors):
@@ -199,15 +211,22 @@ def test_sdxl_unet_round_trip(tmp_path):
 def test_plain_lora_file_from_stock_diffusers_loads(tmp_path):
     source = tiny_pipeline()
     source.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    source.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=["q_proj", "v_proj"]))
     randomize_adapters(source.unet, 11)
+    randomize_adapters(source.text_encoder, 12)
     StableDiffusionPipeline.save_lora_weights(
         tmp_path,
         unet_lora_layers=get_peft_model_state_dict(source.unet),
+        # the `text_model.` layout of files written with transformers 4
+        text_encoder_lora_layers={
+            f"text_model.{k}": v for k, v in get_peft_model_state_dict(source.text_encoder).items()
+        },
         unet_lora_adapter_metadata=source.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=source.text_encoder.peft_config["default"].to_dict(),
     )
     pipe = tiny_pipeline()
     load_lie_weights(pipe, tmp_path)
-    assert max_diff(outputs(pipe), outputs(source)) <= TOL  # alpha 8 (not the rank) came from the metadata
+    assert max_diff(outputs(pipe), outputs(source)) <= TOL  # alphas 8 and 1 (not the ranks) came from the metadata
 
 
 # -------------------------------------------------------------------------------------- stock diffusers
@@ -251,7 +270,10 @@ def test_named_adapters_compose_in_the_algebra(tmp_path):
     a, b = load_file(path_a), load_file(path_b)
     conv = pipe.unet.get_submodule(CONV)
     x = torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(0))
-    factors = [(f[f"lie.unet.{CONV}.lora_A.weight"], f[f"lie.unet.{CONV}.lora_B.weight"], s) for f, s in ((a, 2 / 4), (b, 0.5 * 4 / 2))]
+    factors = [
+        (f[f"lie.unet.{CONV}.lora_A.weight"], f[f"lie.unet.{CONV}.lora_B.weight"], s)
+        for f, s in ((a, 2 / 4), (b, 0.5 * 4 / 2))
+    ]
     with torch.no_grad():
         assert (conv(x) - conv_lie_reference(conv.get_base_layer(), x, factors)).abs().max().item() <= TOL
 
@@ -316,8 +338,11 @@ def _rewrite(source, target, edit_tensors=None, edit_info=None):
 
 
 def _rename_module(tensors, old, new):
+    """Move a module's factors to another module name (or drop them: new=None)."""
     for key in [k for k in tensors if f".{old}." in k]:
-        tensors[key.replace(old, new)] = tensors.pop(key)
+        factor = tensors.pop(key)
+        if new is not None:
+            tensors[key.replace(old, new)] = factor
 
 
 def _bad_missing(src, d):
@@ -349,11 +374,18 @@ def _bad_module(src, d):
 
 
 def _bad_nan(src, d):
-    return _rewrite(src, d / "nan.safetensors", lambda t: t[f"lie.unet.{CONV}.lora_B.weight"].view(-1).__setitem__(3, float("inf")))
+    def poison(tensors):
+        tensors[f"lie.unet.{CONV}.lora_B.weight"].view(-1)[3] = float("inf")
+
+    return _rewrite(src, d / "nan.safetensors", poison)
 
 
 def _bad_partner(src, d):
     return _rewrite(src, d / "partner.safetensors", lambda t: t.pop(f"lie.unet.{CONV}.lora_B.weight"))
+
+
+def _bad_lost_module(src, d):
+    return _rewrite(src, d / "lost.safetensors", lambda t: _rename_module(t, CONV, None))
 
 
 BAD_INPUTS = {
@@ -364,6 +396,11 @@ BAD_INPUTS = {
     "module the model lacks": (_bad_module, ValueError, r"unet has no module 'down_blocks\.7\.resnets\.0\.conv1'"),
     "NaN/inf": (_bad_nan, ValueError, rf"lie\.unet\.{CONV}\.lora_B\.weight holds 1 NaN/inf"),
     "partner factor missing": (_bad_partner, ValueError, rf"lie\.unet\.{CONV}\.lora_A\.weight has no partner"),
+    "module's factors missing": (
+        _bad_lost_module,
+        ValueError,
+        rf"metadata lists lie\.unet\.{CONV} but the file has no",
+    ),
 }
 
 
@@ -388,7 +425,9 @@ def assert_untouched(victim, state):
 
 
 def _state(pipe):
-    return {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()} for name in ("unet", "text_encoder")}
+    return {
+        name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()} for name in ("unet", "text_encoder")
+    }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -141,6 +141,25 @@ def test_layer_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(fn, params)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_forward_saves_no_adapted_weight(dropout):
+    """The memory claim: the graph of a training forward holds W itself (the parameter) but no W'-sized copy."""
+    layer = randomize(wrap(nn.Conv2d(6, 8, 3, padding=1), r=2, dropout=dropout)).train()
+    W = layer.get_base_layer().weight
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(torch.randn(2, 6, 7, 7, requires_grad=True))
+    assert [t for t in saved if t.shape == W.shape and t.data_ptr() != W.data_ptr()] == []
+    assert any(t.data_ptr() == W.data_ptr() for t in saved)
+    out.sum().backward()  # and it still trains
+    assert layer.lora_A["a"].weight.grad is not None and layer.lora_B["a"].weight.grad is not None
+
+
 def test_dropout_is_stochastic_in_train_and_identity_in_eval():
     base = nn.Conv2d(6, 8, 3, padding=1)
     layer = randomize(wrap(copy.deepcopy(base), dropout=0.5))

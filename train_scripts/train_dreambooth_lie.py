@@ -14,7 +14,6 @@ the UNet's convolutions get Lie adapters (W' = W ⊙ exp(Δ)) and its attention 
 """
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,16 +32,14 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr, free_memory
+from diffusers.utils import make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
-
-import diffusers
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_snr
-from diffusers.utils import make_image_grid
-from diffusers.utils.import_utils import is_xformers_available
 
 from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, read_lie_file, save_lie_weights
 
@@ -73,7 +71,8 @@ def save_model_card(args, images):
         image.save(output_dir / f"image_{i}.png")
         widget.append(f"- text: {json.dumps(args.validation_prompt)}\n  output:\n    url: image_{i}.png")
         gallery += f"![image_{i}](./image_{i}.png)\n"
-    flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in sorted(vars(args).items()) if k != "local_rank")
+    rows = [(k, str(v).replace("|", "\\|")) for k, v in sorted(vars(args).items()) if k != "local_rank"]
+    flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in rows)  # `\|`: a bare `|` would end the cell
     prompt = args.validation_prompt or args.instance_prompt
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
@@ -152,7 +151,8 @@ def log_validation(pipeline, args, accelerator, step, phase="validation"):
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({phase: [wandb.Image(i, caption=f"{n}: {args.validation_prompt}") for n, i in enumerate(images)]})
+            captions = [f"{n}: {args.validation_prompt}" for n in range(len(images))]
+            tracker.log({phase: [wandb.Image(i, caption=c) for i, c in zip(images, captions)]})
     return images
 
 
@@ -181,7 +181,7 @@ def parse_args(input_args=None):
     # Prior preservation
     parser.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
     parser.add_argument("--class_data_dir", type=str, default=None, help="A folder with the class images.")
-    parser.add_argument("--class_prompt", type=str, default=None, help="The prompt of the class, e.g. 'a photo of dog'.")
+    parser.add_argument("--class_prompt", type=str, default=None, help="The class prompt, e.g. 'a photo of dog'.")
     parser.add_argument("--num_class_images", type=int, default=100,
                         help="Minimal number of class images; missing ones are generated with the base model.")
     parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior loss.")
@@ -403,14 +403,21 @@ def generate_class_images(args, accelerator):
             os.replace(class_dir / f".{name}.tmp", class_dir / name)
     accelerator.wait_for_everyone()
     del pipeline
+    free_memory()
+
+
+def checkpoint_steps(output_dir):
+    """Steps of the complete checkpoints in `output_dir`, oldest first (partial ones are dot-folders)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(int(m.group(1)) for m in map(CHECKPOINT_RE.fullmatch, names) if m)
 
 
 def find_checkpoint(args):
     """The checkpoint folder to resume from, or None when "latest" finds none."""
     output_dir = Path(args.output_dir)
     if args.resume_from_checkpoint == "latest":
-        steps = [int(m.group(1)) for m in map(CHECKPOINT_RE.fullmatch, os.listdir(output_dir) if output_dir.is_dir() else []) if m]
-        return output_dir / f"checkpoint-{max(steps)}" if steps else None
+        steps = checkpoint_steps(output_dir)
+        return output_dir / f"checkpoint-{steps[-1]}" if steps else None
     for path in (Path(args.resume_from_checkpoint), output_dir / args.resume_from_checkpoint):
         if path.is_dir() and CHECKPOINT_RE.fullmatch(path.name):
             return path
@@ -450,7 +457,7 @@ def adapter_config(args):
     """LieConfig for the UNet; --rank/--alpha apply to both sections, --conv_* override the Lie (conv) one."""
     alpha = args.alpha if args.alpha is not None else args.rank
     conv_rank = args.conv_rank or args.rank
-    conv_alpha = args.conv_alpha if args.conv_alpha is not None else (args.alpha if args.alpha is not None else conv_rank)
+    conv_alpha = next(a for a in (args.conv_alpha, args.alpha, conv_rank) if a is not None)
     targets = {
         name: tuple(t.strip() for t in value.split(",") if t.strip())
         for name, value in (("conv_targets", args.conv_targets), ("attn_targets", args.attn_targets))
@@ -545,25 +552,22 @@ def main(args):
     trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
     cast_training_params(trained_models, dtype=torch.float32)
 
-    def unwrap_model(model):
-        return accelerator.unwrap_model(model)
+    def adapted_models():
+        """The models carrying trained adapters, unwrapped from DDP, by component name."""
+        models = {"unet": accelerator.unwrap_model(unet)}
+        if args.train_text_encoder:
+            models["text_encoder"] = accelerator.unwrap_model(text_encoder)
+        return models
 
     # accelerator.save_state / load_state: our adapter file replaces accelerate's full-model dump.
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_lie_weights(
-                output_dir,
-                unet=unwrap_model(unet),
-                text_encoder=unwrap_model(text_encoder) if args.train_text_encoder else None,
-            )
+            save_lie_weights(output_dir, **adapted_models())
         weights.clear()
 
     def load_model_hook(models, input_dir):
         models.clear()
-        models_ = {"unet": unwrap_model(unet)}
-        if args.train_text_encoder:
-            models_["text_encoder"] = unwrap_model(text_encoder)
-        load_adapters_in_place(input_dir, models_)
+        load_adapters_in_place(input_dir, adapted_models())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -585,7 +589,8 @@ def main(args):
         optimizer_class = torch.optim.AdamW
     param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": args.learning_rate}]
     if args.train_text_encoder:
-        param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+        text_encoder_params = [p for p in text_encoder.parameters() if p.requires_grad]
+        param_groups.append({"params": text_encoder_params, "lr": text_encoder_lr})
     params_to_optimize = [p for group in param_groups for p in group["params"]]
     optimizer = optimizer_class(
         param_groups,
@@ -687,12 +692,14 @@ def main(args):
         accelerator.save_state(str(partial))  # every process writes its own RNG state
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():  # written by an earlier run that was resumed from before this step
-                shutil.rmtree(final)
+            stale = output_dir / f".checkpoint-{step}.stale"  # written by a run this one resumed from before it
+            if final.exists():
+                os.replace(final, stale)
             os.replace(partial, final)
+            shutil.rmtree(stale, ignore_errors=True)
             logger.info(f"Saved state to {final}")
             if args.checkpoints_total_limit is not None:
-                steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_RE.fullmatch, os.listdir(output_dir)) if m)
+                steps = checkpoint_steps(output_dir)
                 for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
                     logger.info(f"Removing checkpoint-{old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
                     shutil.rmtree(output_dir / f"checkpoint-{old}")
@@ -749,11 +756,11 @@ def main(args):
                 loss = compute_loss(batch)
                 mean_loss = accelerator.reduce(loss.detach(), reduction="mean")  # the same verdict on every process
                 if not torch.isfinite(mean_loss):
-                    checkpoints = [m.group(0) for m in map(CHECKPOINT_RE.fullmatch, os.listdir(args.output_dir)) if m]
-                    last = max(checkpoints, key=lambda c: int(c.split("-")[1]), default=None)
+                    steps = checkpoint_steps(args.output_dir)
+                    last = Path(args.output_dir, f"checkpoint-{steps[-1]}") if steps else None
                     raise TrainingError(
                         f"loss is {mean_loss.item()} at step {global_step + 1}; stopping. "
-                        + (f"The last good checkpoint is {Path(args.output_dir, last)}; " if last else "")
+                        + (f"The last good checkpoint is {last}; " if last else "")
                         + "try a lower --learning_rate or another --mixed_precision."
                     )
                 accelerator.backward(loss)
@@ -777,14 +784,14 @@ def main(args):
                 break
 
         # Periodic validation; the final one (below) covers the end of training.
-        last_epoch = global_step >= args.max_train_steps
-        if accelerator.is_main_process and args.validation_prompt and epoch % args.validation_epochs == 0 and not last_epoch:
+        validate = args.validation_prompt and epoch % args.validation_epochs == 0
+        if accelerator.is_main_process and validate and global_step < args.max_train_steps:
             for model in trained_models:
                 model.eval()
             pipeline = DiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path,
-                unet=unwrap_model(unet),
-                text_encoder=unwrap_model(text_encoder),
+                unet=accelerator.unwrap_model(unet),
+                text_encoder=accelerator.unwrap_model(text_encoder),
                 vae=vae,
                 tokenizer=tokenizer,
                 safety_checker=None,
@@ -793,15 +800,12 @@ def main(args):
             )
             log_validation(pipeline, args, accelerator, global_step)
             del pipeline
+            free_memory()
 
     # Save the adapters; then check the saved file the way a user would load it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = save_lie_weights(
-            args.output_dir,
-            unet=unwrap_model(unet),
-            text_encoder=unwrap_model(text_encoder) if args.train_text_encoder else None,
-        )
+        path = save_lie_weights(args.output_dir, **adapted_models())
         logger.info(f"Saved the adapters to {path}")
         images = []
         if args.validation_prompt and args.num_validation_images > 0:

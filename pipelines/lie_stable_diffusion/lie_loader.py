@@ -34,7 +34,9 @@ class LieLoaderMixin:
             while adapter_name in taken:
                 index += 1
                 adapter_name = f"default_{index}"
-        lie_diffusion.load_lie_weights(self, path_or_dir, adapter_name=adapter_name, scale=scale, weight_name=weight_name)
+        lie_diffusion.load_lie_weights(
+            self, path_or_dir, adapter_name=adapter_name, scale=scale, weight_name=weight_name
+        )
 
     def fuse_lie(self, components=None, lie_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None):
         """Fold the active (or named) adapters into the weights: W ⊙ exp(sΔ) for Lie, W + sBA for LoRA."""

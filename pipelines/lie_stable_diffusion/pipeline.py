@@ -1,9 +1,9 @@
 """A StableDiffusionPipeline that loads lie-diffusion adapter files, as a diffusers community pipeline.
 
-    pipe = DiffusionPipeline.from_pretrained(
-        base, custom_pipeline="<lie-diffusion>/pipelines/lie_stable_diffusion", trust_remote_code=True
-    )
-    pipe.load_lie_weights("path/to/adapter")   # then fuse_lie, set_lie_scale, unload_lie_weights, ...
+pipe = DiffusionPipeline.from_pretrained(
+    base, custom_pipeline="<lie-diffusion>/pipelines/lie_stable_diffusion", trust_remote_code=True
+)
+pipe.load_lie_weights("path/to/adapter")   # then fuse_lie, set_lie_scale, unload_lie_weights, ...
 """
 
 from diffusers import StableDiffusionPipeline
@@ -12,4 +12,4 @@ from .lie_loader import LieLoaderMixin
 
 
 class LieStableDiffusionPipeline(LieLoaderMixin, StableDiffusionPipeline):
-    """Stable Diffusion (1.x / 2.x) with `load_lie_weights`, `fuse_lie`, `unfuse_lie`, `set_lie_scale`, `unload_lie_weights`."""
+    """Stable Diffusion 1.x / 2.x plus `load_lie_weights`, `fuse_lie`, `unfuse_lie`, `set_lie_scale`, ..."""

@@ -1,0 +1,221 @@
+"""What does it cost? Training step, inference and adapter-file times and peak memory, against peers.
+
+    python benchmarks/speed.py            # mid-size UNet on CPU; writes results/speed.{json,md} and README
+
+Training: lie-diffusion exp / taylor, peft LoRA, peft HiRA, LyCORIS LoCon and the floor (frozen UNet
+with full weight gradients on the targeted convs, no optimizer), on the same conv layers at the same
+rank, timed in one process with interleaved repetitions after a warm-up; medians and ratios.
+Inference: base vs Lie adapters unfused vs fused. Files: load / fuse / merge an SD1.5-size adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+import benchlib as B
+
+LIE = ("lie-exp", "lie-taylor")
+
+
+def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS, autocast_dtype=None, log=print):
+    """Step (fwd + bwd + AdamW) and fwd + bwd medians, peak step memory and trainable sizes per method."""
+    device = next(base.parameters()).device
+    dtype = next(base.parameters()).dtype
+    targets = B.conv_targets(base)
+    inputs, target = B.unet_batch(base, batch, latent, device, dtype)
+    cases, memory_case, adapted = {}, {}, {}
+    for method in methods:
+        model = B.clone(base)
+        adapted[method] = B.attach(method, model, targets, rank)
+        fwd_bwd = B.train_step(model, adapted[method], inputs, target, optimizer=False, autocast_dtype=autocast_dtype)
+        if adapted[method].optimize:
+            cases[f"{method}|step"] = B.train_step(model, adapted[method], inputs, target, autocast_dtype=autocast_dtype)
+        cases[f"{method}|fwd+bwd"] = fwd_bwd
+        memory_case[method] = cases.get(f"{method}|step", fwd_bwd)
+    log(f"train: {len(targets)} conv layers, rank {rank}, {len(cases)} cases, {reps} interleaved rounds")
+    times = B.interleaved(cases, reps, warmup, B.synchronizer(device), log)
+    results = {}
+    for method in methods:
+        peaks = [B.peak_memory_mib(memory_case[method], device) for _ in range(2)]
+        fwd_bwd = B.median(times[f"{method}|fwd+bwd"])
+        results[method] = {
+            "step_s": B.median(times.get(f"{method}|step", times[f"{method}|fwd+bwd"])),
+            "fwd_bwd_s": fwd_bwd,
+            "has_optimizer": adapted[method].optimize,
+            "peak_step_mib": None if None in peaks else max(peaks),
+            "trainable_params": B.count_params(adapted[method].params) if adapted[method].optimize else 0,
+            "grad_params": B.count_params(adapted[method].params),
+            "times_s": {k.split("|")[1]: v for k, v in times.items() if k.startswith(method + "|")},
+        }
+        log(f"  {method}: step {results[method]['step_s']:.3f}s fwd+bwd {fwd_bwd:.3f}s peak {results[method]['peak_step_mib']} MiB")
+    config = dict(unet_params=B.count_params(base.parameters()), targets=len(targets), latent=latent, batch=batch,
+                  rank=rank, reps=reps, warmup=warmup, dtype=str(dtype).replace("torch.", ""),
+                  autocast=None if autocast_dtype is None else str(autocast_dtype).replace("torch.", ""))
+    return {"config": config, "methods": results}
+
+
+def _fuse(model):
+    model.fuse_lora()
+
+
+def bench_inference(base, latent, batch, rank, reps, warmup, autocast_dtype=None, log=print):
+    """Forward-pass medians: base, Lie / LoRA adapters unfused, and Lie fused (diffusers' fuse_lora)."""
+    device = next(base.parameters()).device
+    targets = B.conv_targets(base)
+    inputs, _ = B.unet_batch(base, batch, latent, device, next(base.parameters()).dtype)
+    variants = {"base": (None, None), "lie-exp unfused": ("lie-exp", None), "lie-taylor unfused": ("lie-taylor", None),
+                "peft-lora unfused": ("peft-lora", None), "lie-exp fused": ("lie-exp", _fuse)}
+    cases = {}
+    for name, (method, prepare) in variants.items():
+        model = B.clone(base)
+        if method is not None:
+            adapted = B.attach(method, model, targets, rank)
+            B.randomize_zero_factors(adapted.params)
+            model.requires_grad_(False)
+        if prepare is not None:
+            prepare(model)
+        cases[name] = B.inference_step(model, inputs, autocast_dtype)
+    log(f"inference: {len(cases)} variants, {reps} interleaved rounds")
+    times = B.interleaved(cases, reps, warmup, B.synchronizer(device), log)
+    base_s = B.median(times["base"])
+    return {name: {"forward_s": B.median(t), "x_base": B.median(t) / base_s, "times_s": t} for name, t in times.items()}
+
+
+def bench_files(size, rank, reps, log=print):
+    """Save / load / fuse / merge of a Lie adapter file for a `size` UNet (convs Lie, attention LoRA)."""
+    from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, merge_lie_weights, save_lie_weights
+    from lie_diffusion.inject import remove_adapter
+
+    unet = B.build_unet(size)
+    add_lie_adapters(unet, LieConfig(rank=rank))
+    B.randomize_zero_factors([p for p in unet.parameters() if p.requires_grad])
+    times = {"save": [], "load": [], "fuse": [], "unfuse": [], "merge": []}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        times[name].append(time.perf_counter() - start)
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(reps):
+            path = timed("save", lambda: save_lie_weights(tmp, unet=unet))
+        remove_adapter(unet, "default")
+        size_mib = path.stat().st_size / 2**20
+        for rep in range(reps):
+            timed("load", lambda: load_lie_weights(unet, path))
+            timed("fuse", unet.fuse_lora)
+            timed("unfuse", unet.unfuse_lora)
+            timed("merge", lambda: merge_lie_weights(unet))
+            log(f"  files round {rep + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    return {"unet": size, "rank": rank, "file_mib": size_mib, "reps": reps,
+            "ops": {k: {"median_s": B.median(v), "times_s": v} for k, v in times.items()}}
+
+
+def goals(train, inference) -> list[dict]:
+    """The issue's goals (mid-size, CPU), each with its measured value."""
+    m = train["methods"]
+    floor = m["floor"]["fwd_bwd_s"]
+    rows = [
+        ("Lie exp step ≤ 1.05 × floor", m["lie-exp"]["step_s"] / floor, "≤", 1.05),
+        ("Lie exp step ≤ 0.85 × peft HiRA step", m["lie-exp"]["step_s"] / m["peft-hira"]["step_s"], "≤", 0.85),
+    ]
+    for method in LIE:
+        peak, lora = m[method]["peak_step_mib"], m["peft-lora"]["peak_step_mib"]
+        if peak is not None and lora:
+            rows.append((f"{method} peak step memory ≤ 1.0 × peft LoRA", peak / lora, "≤", 1.0))
+    fused = inference["lie-exp fused"]["x_base"]
+    rows.append(("Lie exp fused inference = base ± 3%", fused, "±", 0.03))
+    rows.append(("Lie exp unfused inference ≤ 1.10 × base", inference["lie-exp unfused"]["x_base"], "≤", 1.10))
+    return [{"goal": g, "measured": v, "met": (abs(v - 1) <= lim) if op == "±" else v <= lim} for g, v, op, lim in rows]
+
+
+def train_table(train) -> str:
+    m = train["methods"]
+    floor, lora_mem = m["floor"]["fwd_bwd_s"], m["peft-lora"]["peak_step_mib"]
+    rows = []
+    for name, r in m.items():
+        step = f"{r['step_s']:.3f}" if r["has_optimizer"] else "— (no optimizer)"
+        mem = "n/a" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
+        mem_x = "n/a" if r["peak_step_mib"] is None or not lora_mem else f"{r['peak_step_mib'] / lora_mem:.2f}"
+        rows.append([name, step, f"{r['step_s'] / floor:.2f}", f"{r['fwd_bwd_s']:.3f}", f"{r['fwd_bwd_s'] / floor:.2f}",
+                     mem, mem_x, f"{r['trainable_params']:,}" if r["has_optimizer"] else f"({r['grad_params']:,} grads)"])
+    return B.md_table(["method", "step s (fwd+bwd+AdamW)", "× floor", "fwd+bwd s", "× floor", "peak step MiB",
+                       "× peft LoRA", "trainable params"], rows)
+
+
+def render(results) -> str:
+    train, inference, env = results["train"], results["inference"], results["env"]
+    c = train["config"]
+    device = env.get("gpu") or env.get("cpu")
+    parts = [
+        "### Speed and memory",
+        f"`python benchmarks/speed.py` on {device} ({env['torch_threads']} threads), torch {env['torch']}, "
+        f"diffusers {env['diffusers']}, peft {env['peft']}, lycoris-lora {env['lycoris-lora']}; {env['date']}. "
+        f"UNet2DConditionModel {c['unet_params'] / 1e6:.1f} M params (block_out_channels 64/128/256/256), "
+        f"{c['latent']}×{c['latent']} latents, batch {c['batch']}, {c['dtype']}; every method adapts the same "
+        f"{c['targets']} conv layers (resnet convs, shortcuts, down/upsamplers) at rank {c['rank']}. "
+        f"Medians of {c['reps']} interleaved rounds after {c['warmup']} warm-up round(s). The floor is the frozen "
+        "UNet with full weight gradients on those convs and no optimizer; peak memory is the step's own peak RSS "
+        "above what was live before it.",
+        "",
+        train_table(train),
+        "",
+        "Goals:",
+        "",
+        B.md_table(["goal", "measured", "met"],
+                   [[g["goal"], f"{g['measured']:.3f}", "yes" if g["met"] else "**no**"] for g in results["goals"]]),
+        "",
+        f"Inference (no grad, same inputs; medians of {results['inference_reps']} rounds):",
+        "",
+        B.md_table(["variant", "forward s", "× base"],
+                   [[k, f"{v['forward_s']:.3f}", f"{v['x_base']:.3f}"] for k, v in inference.items()]),
+    ]
+    files = results.get("files")
+    if files:
+        parts += ["", f"Adapter file ({files['unet']} UNet, Lie rank {files['rank']} on convs + LoRA on attention, "
+                  f"{files['file_mib']:.1f} MiB; medians of {files['reps']}):", "",
+                  B.md_table(["operation", "seconds"], [[k, f"{v['median_s']:.3f}"] for k, v in files["ops"].items()])]
+    if results.get("notes"):
+        parts += [""] + [f"- {note}" for note in results["notes"]]
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="mid", choices=sorted(B.UNET_CONFIGS))
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--inference-reps", type=int, default=7)
+    parser.add_argument("--files-size", default="sd15", choices=sorted(B.UNET_CONFIGS) + ["none"])
+    parser.add_argument("--file-reps", type=int, default=3)
+    parser.add_argument("--out", default=str(B.RESULTS_DIR), help="folder for speed.json / speed.md")
+    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    args = parser.parse_args(argv)
+
+    base = B.build_unet(args.size)
+    results = {"env": B.environment(), "inference_reps": args.inference_reps, "notes": []}
+    results["train"] = bench_train(base, args.latent, args.batch, args.rank, args.reps, args.warmup)
+    results["inference"] = bench_inference(base, args.latent, args.batch, args.rank, args.inference_reps, args.warmup)
+    del base
+    if args.files_size != "none":
+        results["files"] = bench_files(args.files_size, args.rank, args.file_reps)
+    results["goals"] = goals(results["train"], results["inference"])
+    markdown = render(results)
+    B.write_results("speed", results, markdown, args.out)
+    if args.readme != "none":
+        B.update_readme("speed", markdown, args.readme)
+    print(markdown)
+    return results
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
