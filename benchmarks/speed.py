@@ -52,7 +52,8 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS, 
             "times_s": {k.split("|")[1]: v for k, v in times.items() if k.startswith(method + "|")},
         }
         log(f"  {method}: step {results[method]['step_s']:.3f}s fwd+bwd {fwd_bwd:.3f}s peak {results[method]['peak_step_mib']} MiB")
-    config = dict(unet_params=B.count_params(base.parameters()), targets=len(targets), latent=latent, batch=batch,
+    config = dict(unet_params=B.count_params(base.parameters()), block_out_channels=list(base.config.block_out_channels),
+                  targets=len(targets), latent=latent, batch=batch,
                   rank=rank, reps=reps, warmup=warmup, dtype=str(dtype).replace("torch.", ""),
                   autocast=None if autocast_dtype is None else str(autocast_dtype).replace("torch.", ""))
     return {"config": config, "methods": results}
@@ -156,7 +157,8 @@ def render(results) -> str:
         "### Speed and memory",
         f"`python benchmarks/speed.py` on {device} ({env['torch_threads']} threads), torch {env['torch']}, "
         f"diffusers {env['diffusers']}, peft {env['peft']}, lycoris-lora {env['lycoris-lora']}; {env['date']}. "
-        f"UNet2DConditionModel {c['unet_params'] / 1e6:.1f} M params (block_out_channels 64/128/256/256), "
+        f"UNet2DConditionModel {c['unet_params'] / 1e6:.1f} M params (block_out_channels "
+        f"{'/'.join(map(str, c['block_out_channels']))}), "
         f"{c['latent']}×{c['latent']} latents, batch {c['batch']}, {c['dtype']}; every method adapts the same "
         f"{c['targets']} conv layers (resnet convs, shortcuts, down/upsamplers) at rank {c['rank']}. "
         f"Medians of {c['reps']} interleaved rounds after {c['warmup']} warm-up round(s). The floor is the frozen "

@@ -60,7 +60,7 @@ def train(base: Path, instances: Path, output: Path, steps: int) -> None:
     ]
     print("$ accelerate launch " + shlex.join(command[3:]), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: more threads only add overhead (10x on a busy CPU)
+    env.setdefault("OMP_NUM_THREADS", "1")  # as in main(): the tiny model runs best on one thread
     subprocess.run(command, check=True, env=env)
 
 
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=40)
     args = parser.parse_args()
     root = args.output_dir.resolve()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add overhead (10x on a busy CPU)
 
     print(f"[1/5] Building a tiny Stable Diffusion pipeline in {root / 'tiny-sd'}", flush=True)
     base = build_tiny_pipeline(root / "tiny-sd")

@@ -6,6 +6,7 @@ Errors go to stderr as one line and exit with status 1, so the commands compose 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -77,6 +78,8 @@ def merge_command(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if output.exists() and (output.is_file() or any(output.iterdir())) and not args.overwrite:
         raise ValueError(f"{output} exists and is not empty; pass --overwrite to replace it.")
+    if not math.isfinite(args.scale):
+        raise ValueError(f"--scale must be a finite number, got {args.scale}.")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
     with tqdm(total=4, desc="lie-diffusion merge", unit="step") as progress:

@@ -530,6 +530,9 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
             if name is None:
                 problems.append(f"{entry.key_prefix}: {component} has no module {entry.module!r}")
                 continue
+            if name in entries:
+                problems.append(f"{entry.key_prefix}: {component}.{name} is given twice (with and without text_model.)")
+                continue
             layer = _base_layer(modules[name])
             expected = _expected_shapes(layer, entry.rank)
             if expected is None:

@@ -115,8 +115,9 @@ merge_lie_weights(pipe)
 pipe.save_pretrained("merged-model")  # a stock Stable Diffusion folder
 ```
 
-Stock `pipe.load_lora_weights` reads only the attention LoRA section of this file and ignores the Lie
-(convolution) section, so use `lie_diffusion.load_lie_weights` to get the full adapter.
+Stock `pipe.load_lora_weights` reads only the LoRA section of this file (attention layers, with
+`--attn_adapter lora`) and ignores the Lie section, so use `lie_diffusion.load_lie_weights` to get the
+full adapter.
 
 ## Training flags
 

@@ -1,0 +1,103 @@
+"""Smoke test of the benchmark scripts' building blocks on toy sizes (structure only, never timings)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import benchlib as B  # noqa: E402
+
+README_TEMPLATE = "# x\n\n<!-- bench:speed:start -->\nold\n<!-- bench:speed:end -->\nkeep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    base = B.build_unet("tiny")
+    inputs, target = B.unet_batch(base, 1, 8)
+    return base, B.conv_targets(base), inputs, target
+
+
+@pytest.mark.parametrize("method", ["lie-exp", "lie-taylor", "peft-lora", "peft-hira", "floor"])
+def test_peers_attach_train_and_detach(tiny, method):
+    base, targets, inputs, target = tiny
+    model = B.clone(base)
+    reference = base(**inputs).sample
+    adapted = B.attach(method, model, targets, rank=2)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in adapted.params}
+    if method != "floor":  # every adapter: same factor shapes, so the same budget at the same rank
+        expected = sum(2 * (model.get_submodule(t).get_base_layer().weight[0].numel() + model.get_submodule(t).get_base_layer().out_channels) for t in targets)
+        assert B.count_params(adapted.params) == expected
+    torch.testing.assert_close(model(**inputs).sample, reference)  # identity at init
+    B.train_step(model, adapted, inputs, target)()
+    adapted.detach()
+    assert all(type(model.get_submodule(t)) is nn.Conv2d for t in targets)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_interleaved_memory_and_readme(tmp_path):
+    calls = []
+    times = B.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2, warmup=1, log=lambda _: None)
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then rotated rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+    peak = B.peak_memory_mib(lambda: torch.ones(2**22).sum())
+    assert peak is None or peak >= 0
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEMPLATE)
+    B.update_readme("speed", "| new |", readme)
+    assert readme.read_text() == README_TEMPLATE.replace("old", "| new |")
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="bench:speed"):
+        B.update_readme("speed", "x", readme)
+
+
+def test_speed_script_end_to_end(tmp_path):
+    pytest.importorskip("lycoris")
+    import speed
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEMPLATE)
+    speed.main(["--size", "tiny", "--latent", "8", "--batch", "1", "--reps", "1", "--warmup", "0", "--inference-reps", "1",
+                "--files-size", "tiny", "--file-reps", "1", "--out", str(tmp_path), "--readme", str(readme)])
+    data = json.loads((tmp_path / "speed.json").read_text())
+    assert set(data["train"]["methods"]) == set(B.TRAIN_PEERS)
+    assert {"step_s", "fwd_bwd_s", "peak_step_mib"} <= set(data["train"]["methods"]["lie-exp"])
+    assert set(data["inference"]) == {"base", "lie-exp unfused", "lie-taylor unfused", "peft-lora unfused", "lie-exp fused"}
+    assert {"load", "merge"} <= set(data["files"]["ops"])
+    assert all({"goal", "measured", "met"} <= set(g) for g in data["goals"])
+    text = readme.read_text()
+    assert "| lie-exp |" in text and "old" not in text and text.endswith("keep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n")
+
+
+def test_gpu_script_dry_run(tmp_path):
+    pytest.importorskip("lycoris")
+    import gpu_bench
+
+    gpu_bench.main(["--device", "cpu", "--tiny", "--latent", "8", "--reps", "1", "--warmup", "0", "--dtypes", "bf16", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(data["configs"]) == {"bf16, xformers off", "bf16, xformers on"}
+    assert "lie-exp" in data["configs"]["bf16, xformers off"]["train"]["methods"]
+    assert "skipped" in data["configs"]["bf16, xformers on"]  # xformers needs CUDA
+
+
+def test_quality_script_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    import quality
+
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEMPLATE)
+    quality.main(["--methods", "peft-lora", "lie-exp", "--steps", "1", "--batch", "4", "--seeds", "2", "--pretrain-steps", "1",
+                  "--lr-grid", "1e-3", "--eval-draws", "1", "--samples", "2", "--sample-steps", "1",
+                  "--out", str(tmp_path), "--readme", str(readme)])
+    data = json.loads((tmp_path / "quality.json").read_text())
+    runs = data["methods"]["lie-exp"]
+    assert len(runs["test_per_seed"]) == 2 and runs["test_std"] >= 0
+    assert data["methods"]["lie-exp"]["trainable_params"] == data["methods"]["peft-lora"]["trainable_params"]
+    assert (tmp_path / "quality_samples.png").stat().st_size > 0
+    assert "| lie-exp |" in readme.read_text()
