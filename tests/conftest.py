@@ -1,8 +1,12 @@
 """Shared fixtures: tiny pipelines built offline once per test session."""
 
 import pytest
+import torch
 
 from lie_diffusion.tiny import build_tiny_pipeline
+
+# Tiny tensors: a second thread only adds synchronisation (2-3x slower on a 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
