@@ -27,7 +27,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # a checkout works without `pip install -e .`
+    sys.path.append(str(ROOT))  # a checkout works without `pip install -e .`
 
 from lie_diffusion import LieConfig, add_lie_adapters  # noqa: E402
 from lie_diffusion.inject import find_targets  # noqa: E402
@@ -313,6 +313,29 @@ def peak_memory_mib(fn: Callable, device="cpu") -> float | None:
         return None
     fn()
     return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+OP_GROUPS = {
+    "convolutions": ("convolution", "conv2d"),
+    "attention": ("scaled_dot_product", "attention", "bmm", "softmax"),
+}
+
+
+def op_shares(fn: Callable, device="cpu") -> dict[str, float]:
+    """Where one call of `fn` spends its time, by op group (torch.profiler self time, summed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1
+    shares = {g: sum(getattr(e, attr) for e in events if any(k in e.key for k in keys)) / total
+              for g, keys in OP_GROUPS.items()}
+    shares["other"] = 1 - sum(shares.values())
+    return shares
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def render(results) -> str:
         c = r["train"]["config"]
         parts += [f"{c['unet_params'] / 1e6:.0f} M params, {c['latent']}×{c['latent']} latents, batch {c['batch']}, "
                   f"rank {c['rank']} on {c['targets']} convs; medians of {c['reps']} rounds.", "",
-                  speed.train_table(r["train"]), "",
+                  speed.train_table(r["train"]), "", speed.time_split(r["train"]), "",
                   B.md_table(["inference", "forward s", "× base"],
                              [[k, f"{v['forward_s']:.4f}", f"{v['x_base']:.3f}"] for k, v in r["inference"].items()])]
     return "\n".join(parts)

@@ -40,7 +40,7 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS, 
     times = B.interleaved(cases, reps, warmup, B.synchronizer(device), log)
     results = {}
     for method in methods:
-        peaks = [B.peak_memory_mib(memory_case[method], device) for _ in range(2)]
+        peaks = [B.peak_memory_mib(memory_case[method], device)]
         fwd_bwd = B.median(times[f"{method}|fwd+bwd"])
         results[method] = {
             "step_s": B.median(times.get(f"{method}|step", times[f"{method}|fwd+bwd"])),
@@ -56,7 +56,10 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS, 
                   targets=len(targets), latent=latent, batch=batch,
                   rank=rank, reps=reps, warmup=warmup, dtype=str(dtype).replace("torch.", ""),
                   autocast=None if autocast_dtype is None else str(autocast_dtype).replace("torch.", ""))
-    return {"config": config, "methods": results}
+    out = {"config": config, "methods": results}
+    if "floor" in methods:
+        out["floor_time_split"] = B.op_shares(cases["floor|fwd+bwd"], device)
+    return out
 
 
 def _fuse(model):
@@ -118,7 +121,7 @@ def bench_files(size, rank, reps, log=print):
 
 
 def goals(train, inference) -> list[dict]:
-    """The issue's goals (mid-size, CPU), each with its measured value."""
+    """The issue's goals, each with its measured value."""
     m = train["methods"]
     floor = m["floor"]["fwd_bwd_s"]
     rows = [
@@ -129,8 +132,7 @@ def goals(train, inference) -> list[dict]:
         peak, lora = m[method]["peak_step_mib"], m["peft-lora"]["peak_step_mib"]
         if peak is not None and lora:
             rows.append((f"{method} peak step memory ≤ 1.0 × peft LoRA", peak / lora, "≤", 1.0))
-    fused = inference["lie-exp fused"]["x_base"]
-    rows.append(("Lie exp fused inference = base ± 3%", fused, "±", 0.03))
+    rows.append(("Lie exp fused inference = base ± 3%", inference["lie-exp fused"]["x_base"], "±", 0.03))
     rows.append(("Lie exp unfused inference ≤ 1.10 × base", inference["lie-exp unfused"]["x_base"], "≤", 1.10))
     return [{"goal": g, "measured": v, "met": (abs(v - 1) <= lim) if op == "±" else v <= lim} for g, v, op, lim in rows]
 
@@ -149,48 +151,65 @@ def train_table(train) -> str:
                        "× peft LoRA", "trainable params"], rows)
 
 
+def time_split(train) -> str:
+    split = train.get("floor_time_split")
+    return "" if not split else "Floor step time by op group (torch.profiler): " + ", ".join(
+        f"{k} {100 * v:.0f}%" for k, v in split.items()) + "."
+
+
+def findings(configs) -> list[str]:
+    """What bounds the ratios, per latent size, from the measurements themselves."""
+    lines = []
+    for latent, cfg in configs.items():
+        m, split = cfg["train"]["methods"], cfg["train"].get("floor_time_split") or {}
+        floor = m["floor"]["fwd_bwd_s"]
+        lines.append(
+            f"{latent}×{latent}: floor / peft HiRA = {floor / m['peft-hira']['step_s']:.2f}, the lowest step ratio to "
+            f"HiRA that any method needing the full weight gradient can reach here (convolutions are "
+            f"{100 * split.get('convolutions', float('nan')):.0f}% of the floor step, attention "
+            f"{100 * split.get('attention', float('nan')):.0f}%). Lie exp costs "
+            f"{100 * (m['lie-exp']['step_s'] / floor - 1):+.0f}% over the floor: the weight-sized element-wise work of "
+            "building W ⊙ exp(Δ) in forward and again in backward, which weighs more as activations shrink.")
+    return lines
+
+
 def render(results) -> str:
-    train, inference, env = results["train"], results["inference"], results["env"]
-    c = train["config"]
-    device = env.get("gpu") or env.get("cpu")
+    env, configs = results["env"], results["configs"]
+    c = next(iter(configs.values()))["train"]["config"]
     parts = [
         "### Speed and memory",
-        f"`python benchmarks/speed.py` on {device} ({env['torch_threads']} threads), torch {env['torch']}, "
-        f"diffusers {env['diffusers']}, peft {env['peft']}, lycoris-lora {env['lycoris-lora']}; {env['date']}. "
-        f"UNet2DConditionModel {c['unet_params'] / 1e6:.1f} M params (block_out_channels "
-        f"{'/'.join(map(str, c['block_out_channels']))}), "
-        f"{c['latent']}×{c['latent']} latents, batch {c['batch']}, {c['dtype']}; every method adapts the same "
-        f"{c['targets']} conv layers (resnet convs, shortcuts, down/upsamplers) at rank {c['rank']}. "
-        f"Medians of {c['reps']} interleaved rounds after {c['warmup']} warm-up round(s). The floor is the frozen "
-        "UNet with full weight gradients on those convs and no optimizer; peak memory is the step's own peak RSS "
-        "above what was live before it.",
+        f"`python benchmarks/speed.py` on {env.get('gpu') or env['cpu']} ({env['torch_threads']} threads), torch "
+        f"{env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}, lycoris-lora {env['lycoris-lora']}; "
+        f"{env['date']}. UNet2DConditionModel {c['unet_params'] / 1e6:.1f} M params (block_out_channels "
+        f"{'/'.join(map(str, c['block_out_channels']))}, cross-attention 768), batch {c['batch']}, {c['dtype']}; "
+        f"every method adapts the same {c['targets']} conv layers (resnet convs, shortcuts, down/upsamplers) at rank "
+        f"{c['rank']}. Medians of {c['reps']} interleaved rounds after {c['warmup']} warm-up round(s). The floor is "
+        "the frozen UNet with full weight gradients on those convs and no optimizer; peak memory is the step's own "
+        "peak RSS above what was live before it.",
         "",
-        train_table(train),
+        B.md_table(["goal"] + [f"{k}×{k} latents" for k in configs],
+                   [[g["goal"]] + [f"{cfg['goals'][i]['measured']:.3f} " + ("✓" if cfg["goals"][i]["met"] else "**✗**")
+                                   for cfg in configs.values()]
+                    for i, g in enumerate(next(iter(configs.values()))["goals"])]),
         "",
-        "Goals:",
-        "",
-        B.md_table(["goal", "measured", "met"],
-                   [[g["goal"], f"{g['measured']:.3f}", "yes" if g["met"] else "**no**"] for g in results["goals"]]),
-        "",
-        f"Inference (no grad, same inputs; medians of {results['inference_reps']} rounds):",
-        "",
-        B.md_table(["variant", "forward s", "× base"],
-                   [[k, f"{v['forward_s']:.3f}", f"{v['x_base']:.3f}"] for k, v in inference.items()]),
+        *[f"- {line}" for line in findings(configs)],
     ]
+    for latent, cfg in configs.items():
+        parts += ["", f"#### {latent}×{latent} latents", "", train_table(cfg["train"]), "", time_split(cfg["train"]), "",
+                  B.md_table(["inference (no grad)", "forward s", "× base"],
+                             [[k, f"{v['forward_s']:.3f}", f"{v['x_base']:.3f}"] for k, v in cfg["inference"].items()])]
     files = results.get("files")
     if files:
-        parts += ["", f"Adapter file ({files['unet']} UNet, Lie rank {files['rank']} on convs + LoRA on attention, "
-                  f"{files['file_mib']:.1f} MiB; medians of {files['reps']}):", "",
+        parts += ["", f"#### Adapter file: {files['unet']} UNet, Lie rank {files['rank']} on convs + LoRA on attention, "
+                  f"{files['file_mib']:.1f} MiB (medians of {files['reps']})", "",
                   B.md_table(["operation", "seconds"], [[k, f"{v['median_s']:.3f}"] for k, v in files["ops"].items()])]
-    if results.get("notes"):
-        parts += [""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(parts)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="mid", choices=sorted(B.UNET_CONFIGS))
-    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--latents", type=int, nargs="+", default=[64, 32], help="latent sizes, one benchmark each")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
@@ -203,13 +222,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     base = B.build_unet(args.size)
-    results = {"env": B.environment(), "inference_reps": args.inference_reps, "notes": []}
-    results["train"] = bench_train(base, args.latent, args.batch, args.rank, args.reps, args.warmup)
-    results["inference"] = bench_inference(base, args.latent, args.batch, args.rank, args.inference_reps, args.warmup)
+    results = {"env": B.environment(), "configs": {}}
+    for latent in args.latents:
+        train = bench_train(base, latent, args.batch, args.rank, args.reps, args.warmup)
+        inference = bench_inference(base, latent, args.batch, args.rank, args.inference_reps, args.warmup)
+        results["configs"][str(latent)] = {"train": train, "inference": inference, "goals": goals(train, inference)}
     del base
     if args.files_size != "none":
         results["files"] = bench_files(args.files_size, args.rank, args.file_reps)
-    results["goals"] = goals(results["train"], results["inference"])
     markdown = render(results)
     B.write_results("speed", results, markdown, args.out)
     if args.readme != "none":

@@ -63,14 +63,16 @@ def test_speed_script_end_to_end(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text(README_TEMPLATE)
-    speed.main(["--size", "tiny", "--latent", "8", "--batch", "1", "--reps", "1", "--warmup", "0", "--inference-reps", "1",
+    speed.main(["--size", "tiny", "--latents", "8", "--batch", "1", "--reps", "1", "--warmup", "0", "--inference-reps", "1",
                 "--files-size", "tiny", "--file-reps", "1", "--out", str(tmp_path), "--readme", str(readme)])
     data = json.loads((tmp_path / "speed.json").read_text())
-    assert set(data["train"]["methods"]) == set(B.TRAIN_PEERS)
-    assert {"step_s", "fwd_bwd_s", "peak_step_mib"} <= set(data["train"]["methods"]["lie-exp"])
-    assert set(data["inference"]) == {"base", "lie-exp unfused", "lie-taylor unfused", "peft-lora unfused", "lie-exp fused"}
+    config = data["configs"]["8"]
+    assert set(config["train"]["methods"]) == set(B.TRAIN_PEERS)
+    assert {"step_s", "fwd_bwd_s", "peak_step_mib"} <= set(config["train"]["methods"]["lie-exp"])
+    assert set(config["train"]["floor_time_split"]) == {"convolutions", "attention", "other"}
+    assert set(config["inference"]) == {"base", "lie-exp unfused", "lie-taylor unfused", "peft-lora unfused", "lie-exp fused"}
+    assert all({"goal", "measured", "met"} <= set(g) for g in config["goals"])
     assert {"load", "merge"} <= set(data["files"]["ops"])
-    assert all({"goal", "measured", "met"} <= set(g) for g in data["goals"])
     text = readme.read_text()
     assert "| lie-exp |" in text and "old" not in text and text.endswith("keep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n")
 
