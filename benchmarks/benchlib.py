@@ -16,7 +16,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
@@ -77,7 +77,6 @@ class Adapted:
     params: list[nn.Parameter]  # what requires grad (and what AdamW steps, unless `optimize` is False)
     detach: Callable[[], None]
     optimize: bool = True  # False for the floor: its weight gradients are computed, never applied
-    extras: dict = field(default_factory=dict)
 
 
 def _new_params(model: nn.Module, before: set[int]) -> list[nn.Parameter]:
@@ -138,7 +137,10 @@ def attach_hira(model, targets, rank):
 
 
 def attach_locon(model, targets, rank):
-    """LyCORIS LoCon ("lora" algo, its default weight-rebuild forward) on exactly `targets`."""
+    """LyCORIS LoCon ("locon" algo, its default weight-rebuild forward) on exactly `targets`.
+
+    LyCORIS takes its targets from class-level presets, so this sets them on `LycorisNetwork` itself.
+    """
     from lycoris import LycorisNetwork
 
     LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [], "target_name": [f"{t}$" for t in _exact(targets)]})
@@ -147,7 +149,7 @@ def attach_locon(model, targets, rank):
     if len(network.loras) != len(targets):
         raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(targets)}.")
     network.apply_to()
-    return Adapted(list(network.parameters()), network.restore, extras={"network": network})
+    return Adapted(list(network.parameters()), network.restore)  # the bound method keeps the network alive
 
 
 def attach_floor(model, targets, rank):
@@ -267,21 +269,23 @@ def interleaved(cases: dict[str, Callable], reps: int, warmup: int = 1, sync=lam
     return times
 
 
-_libc = None
-
-
-def _release_cpu_memory() -> None:
-    """Hand freed memory back to the OS so RSS follows live tensors (glibc only; no-op elsewhere)."""
-    global _libc
-    gc.collect()
+def _glibc():
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: big blocks are mmapped, and unmapped on free
-            _libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
-        _libc.malloc_trim(0)
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        pass
+        return None
+
+
+_LIBC = _glibc()
+
+
+def cpu_allocator(measuring: bool) -> None:
+    """glibc's malloc mode. Measuring: big blocks are mmapped and unmapped on free, so RSS follows live
+    tensors. Otherwise (timing): freed blocks are kept for reuse, like glibc's warmed-up default."""
+    if _LIBC is not None:
+        threshold, trim = (32 * 1024, 32 * 1024) if measuring else (32 * 2**20, 64 * 2**20)
+        _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        _LIBC.mallopt(-1, trim)  # M_TRIM_THRESHOLD
 
 
 def _proc_status_kib(key: str) -> int:
@@ -291,11 +295,14 @@ def _proc_status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def peak_memory_mib(fn: Callable, device="cpu") -> float | None:
-    """Peak memory that one call of `fn` adds on top of what was live before it, in MiB.
+def peak_memory(fn: Callable, device="cpu") -> dict[str, float | None]:
+    """Peak memory one call of `fn` adds on top of what was live before it, in MiB, two ways.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: the RSS high-water mark, reset through
-    /proc/self/clear_refs ("5"), minus the RSS before the call. None where neither is available.
+    `tensor_mib`: the peak of live tensor bytes allocated during the call — exact and independent of
+    the allocator (CUDA: torch.cuda.max_memory_allocated; CPU: torch.profiler's memory events).
+    `rss_mib` (CPU): the RSS high-water mark, reset through /proc/self/clear_refs ("5"), minus the RSS
+    before the call, with glibc in measuring mode (call `cpu_allocator(measuring=False)` before timing
+    again); it also counts what the allocator holds beyond live tensors. None where unavailable.
     """
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -304,8 +311,32 @@ def peak_memory_mib(fn: Callable, device="cpu") -> float | None:
         before = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    _release_cpu_memory()
+        return {"tensor_mib": (torch.cuda.max_memory_allocated() - before) / 2**20, "rss_mib": None}
+    return {"tensor_mib": _profiled_tensor_peak(fn), "rss_mib": _rss_peak(fn)}
+
+
+def _profiled_tensor_peak(fn: Callable) -> float | None:
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:  # the profiler's event API moved
+        return None
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _rss_peak(fn: Callable) -> float | None:
+    cpu_allocator(measuring=True)
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _proc_status_kib("VmRSS")

@@ -37,21 +37,26 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS, 
         cases[f"{method}|fwd+bwd"] = fwd_bwd
         memory_case[method] = cases.get(f"{method}|step", fwd_bwd)
     log(f"train: {len(targets)} conv layers, rank {rank}, {len(cases)} cases, {reps} interleaved rounds")
+    peaks = {}  # memory first, before timing churns the allocator; the warm-up call creates the optimizer state
+    for method in methods:
+        memory_case[method]()
+        peaks[method] = B.peak_memory(memory_case[method], device)
+    B.cpu_allocator(measuring=False)
     times = B.interleaved(cases, reps, warmup, B.synchronizer(device), log)
     results = {}
     for method in methods:
-        peaks = [B.peak_memory_mib(memory_case[method], device)]
         fwd_bwd = B.median(times[f"{method}|fwd+bwd"])
         results[method] = {
             "step_s": B.median(times.get(f"{method}|step", times[f"{method}|fwd+bwd"])),
             "fwd_bwd_s": fwd_bwd,
             "has_optimizer": adapted[method].optimize,
-            "peak_step_mib": None if None in peaks else max(peaks),
+            "peak_step_mib": peaks[method]["tensor_mib"],
+            "peak_step_rss_mib": peaks[method]["rss_mib"],
             "trainable_params": B.count_params(adapted[method].params) if adapted[method].optimize else 0,
             "grad_params": B.count_params(adapted[method].params),
             "times_s": {k.split("|")[1]: v for k, v in times.items() if k.startswith(method + "|")},
         }
-        log(f"  {method}: step {results[method]['step_s']:.3f}s fwd+bwd {fwd_bwd:.3f}s peak {results[method]['peak_step_mib']} MiB")
+        log(f"  {method}: step {results[method]['step_s']:.3f}s fwd+bwd {fwd_bwd:.3f}s peak {peaks[method]} MiB")
     config = dict(unet_params=B.count_params(base.parameters()), block_out_channels=list(base.config.block_out_channels),
                   targets=len(targets), latent=latent, batch=batch,
                   rank=rank, reps=reps, warmup=warmup, dtype=str(dtype).replace("torch.", ""),
@@ -62,17 +67,13 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS, 
     return out
 
 
-def _fuse(model):
-    model.fuse_lora()
-
-
 def bench_inference(base, latent, batch, rank, reps, warmup, autocast_dtype=None, log=print):
     """Forward-pass medians: base, Lie / LoRA adapters unfused, and Lie fused (diffusers' fuse_lora)."""
     device = next(base.parameters()).device
     targets = B.conv_targets(base)
     inputs, _ = B.unet_batch(base, batch, latent, device, next(base.parameters()).dtype)
     variants = {"base": (None, None), "lie-exp unfused": ("lie-exp", None), "lie-taylor unfused": ("lie-taylor", None),
-                "peft-lora unfused": ("peft-lora", None), "lie-exp fused": ("lie-exp", _fuse)}
+                "peft-lora unfused": ("peft-lora", None), "lie-exp fused": ("lie-exp", lambda model: model.fuse_lora())}
     cases = {}
     for name, (method, prepare) in variants.items():
         model = B.clone(base)
@@ -140,15 +141,19 @@ def goals(train, inference) -> list[dict]:
 def train_table(train) -> str:
     m = train["methods"]
     floor, lora_mem = m["floor"]["fwd_bwd_s"], m["peft-lora"]["peak_step_mib"]
+
+    def mib(value):
+        return "n/a" if value is None else f"{value:.0f}"
+
     rows = []
     for name, r in m.items():
         step = f"{r['step_s']:.3f}" if r["has_optimizer"] else "— (no optimizer)"
-        mem = "n/a" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
         mem_x = "n/a" if r["peak_step_mib"] is None or not lora_mem else f"{r['peak_step_mib'] / lora_mem:.2f}"
         rows.append([name, step, f"{r['step_s'] / floor:.2f}", f"{r['fwd_bwd_s']:.3f}", f"{r['fwd_bwd_s'] / floor:.2f}",
-                     mem, mem_x, f"{r['trainable_params']:,}" if r["has_optimizer"] else f"({r['grad_params']:,} grads)"])
+                     mib(r["peak_step_mib"]), mem_x, mib(r.get("peak_step_rss_mib")),
+                     f"{r['trainable_params']:,}" if r["has_optimizer"] else f"({r['grad_params']:,} grads)"])
     return B.md_table(["method", "step s (fwd+bwd+AdamW)", "× floor", "fwd+bwd s", "× floor", "peak step MiB",
-                       "× peft LoRA", "trainable params"], rows)
+                       "× peft LoRA", "peak step RSS MiB", "trainable params"], rows)
 
 
 def time_split(train) -> str:
@@ -184,8 +189,10 @@ def render(results) -> str:
         f"{'/'.join(map(str, c['block_out_channels']))}, cross-attention 768), batch {c['batch']}, {c['dtype']}; "
         f"every method adapts the same {c['targets']} conv layers (resnet convs, shortcuts, down/upsamplers) at rank "
         f"{c['rank']}. Medians of {c['reps']} interleaved rounds after {c['warmup']} warm-up round(s). The floor is "
-        "the frozen UNet with full weight gradients on those convs and no optimizer; peak memory is the step's own "
-        "peak RSS above what was live before it.",
+        "the frozen UNet with full weight gradients on those convs and no optimizer. Peak step memory: the most "
+        "tensor memory the step holds above what was live before it (torch.profiler memory events; exact); peak step "
+        "RSS: the same step's resident-memory high-water mark above its start (via /proc/self/clear_refs), which also "
+        "counts what glibc's allocator holds and varies by about ±20% between runs here.",
         "",
         B.md_table(["goal"] + [f"{k}×{k} latents" for k in configs],
                    [[g["goal"]] + [f"{cfg['goals'][i]['measured']:.3f} " + ("✓" if cfg["goals"][i]["met"] else "**✗**")

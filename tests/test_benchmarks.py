@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import benchlib as B  # noqa: E402
 
-README_TEMPLATE = "# x\n\n<!-- bench:speed:start -->\nold\n<!-- bench:speed:end -->\nkeep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n"
+README_TEMPLATE = "# x\n\n<!-- bench:speed:start -->\nSTALE\n<!-- bench:speed:end -->\nkeep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n"
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,14 @@ def test_interleaved_memory_and_readme(tmp_path):
     times = B.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2, warmup=1, log=lambda _: None)
     assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then rotated rounds
     assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
-    peak = B.peak_memory_mib(lambda: torch.ones(2**22).sum())
-    assert peak is None or peak >= 0
+    peak = B.peak_memory(lambda: torch.ones(2**22).sum())  # a 16 MiB temporary
+    assert 15.9 < peak["tensor_mib"] < 16.1
+    assert peak["rss_mib"] is None or peak["rss_mib"] >= 0
 
     readme = tmp_path / "README.md"
     readme.write_text(README_TEMPLATE)
     B.update_readme("speed", "| new |", readme)
-    assert readme.read_text() == README_TEMPLATE.replace("old", "| new |")
+    assert readme.read_text() == README_TEMPLATE.replace("STALE", "| new |")
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="bench:speed"):
         B.update_readme("speed", "x", readme)
@@ -68,13 +69,13 @@ def test_speed_script_end_to_end(tmp_path):
     data = json.loads((tmp_path / "speed.json").read_text())
     config = data["configs"]["8"]
     assert set(config["train"]["methods"]) == set(B.TRAIN_PEERS)
-    assert {"step_s", "fwd_bwd_s", "peak_step_mib"} <= set(config["train"]["methods"]["lie-exp"])
+    assert {"step_s", "fwd_bwd_s", "peak_step_mib", "peak_step_rss_mib"} <= set(config["train"]["methods"]["lie-exp"])
     assert set(config["train"]["floor_time_split"]) == {"convolutions", "attention", "other"}
     assert set(config["inference"]) == {"base", "lie-exp unfused", "lie-taylor unfused", "peft-lora unfused", "lie-exp fused"}
     assert all({"goal", "measured", "met"} <= set(g) for g in config["goals"])
     assert {"load", "merge"} <= set(data["files"]["ops"])
     text = readme.read_text()
-    assert "| lie-exp |" in text and "old" not in text and text.endswith("keep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n")
+    assert "| lie-exp |" in text and "STALE" not in text and text.endswith("keep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n")
 
 
 def test_gpu_script_dry_run(tmp_path):
