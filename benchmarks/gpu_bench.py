@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import traceback
 
 import torch
 
@@ -90,7 +91,11 @@ def main(argv=None):
         for xformers in args.xformers:
             name = f"{dtype_name}, xformers {xformers}"
             print(f"== {name}", flush=True)
-            results["configs"][name] = run_config(args, dtype_name, xformers == "on")
+            try:
+                results["configs"][name] = run_config(args, dtype_name, xformers == "on")
+            except Exception as error:  # one device run is all there is: keep going, keep the reason
+                traceback.print_exc()
+                results["configs"][name] = {"skipped": f"failed: {type(error).__name__}: {error}"}
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
