@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .functional import MODES
-from .layers import LieConv2d, LieLayerMixin, LieLinear, LieLoraConfig
+from .layers import LieConv2d, LieLayerMixin, LieLinear, LieLoraConfig, unwrap_layer
 
 # Targets are regexes matched against the end of a module's dotted name ("resnets.*.conv1" matches
 # "down_blocks.0.resnets.1.conv1"). Conv targets select among nn.Conv2d modules, attention targets
@@ -84,10 +84,6 @@ def _suffix_regex(patterns: Iterable[str]) -> re.Pattern | None:
     return re.compile(r"(?:.*\.)?(?:" + "|".join(f"(?:{p})" for p in patterns) + ")") if patterns else None
 
 
-def _base(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
 def find_targets(model: nn.Module, config: LieConfig) -> tuple[list[str], list[str]]:
     """(conv module names, attention module names) that `config` selects in `model`."""
     conv_re = _suffix_regex(config.conv_targets)
@@ -98,7 +94,7 @@ def find_targets(model: nn.Module, config: LieConfig) -> tuple[list[str], list[s
             continue  # the parts of an adapted layer (base_layer, lora_A, ...) are never targets themselves
         if isinstance(module, BaseTunerLayer):
             tuner_prefix = name + "."
-        base = _base(module)
+        base = unwrap_layer(module)
         if isinstance(base, nn.Conv2d) and conv_re is not None and conv_re.fullmatch(name):
             convs.append(name)
         elif isinstance(base, nn.Linear) and attn_re is not None and attn_re.fullmatch(name):

@@ -34,7 +34,7 @@ from torch import nn
 
 from .functional import MODES
 from .inject import LieConfig, add_lie_adapters, find_targets, remove_adapter
-from .layers import LieLayerMixin
+from .layers import LieLayerMixin, unwrap_layer
 
 FORMAT_VERSION = 1
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -490,10 +490,6 @@ def _resolve_module(name: str, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
-def _base_layer(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, LoraLayer) else module
-
-
 def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple, tuple] | None:
     if isinstance(layer, nn.Conv2d):
         return (rank, layer.in_channels // layer.groups, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
@@ -533,7 +529,7 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
             if name in entries:
                 problems.append(f"{entry.key_prefix}: {component}.{name} is given twice (with and without text_model.)")
                 continue
-            layer = _base_layer(modules[name])
+            layer = unwrap_layer(modules[name])
             expected = _expected_shapes(layer, entry.rank)
             if expected is None:
                 problems.append(
@@ -583,7 +579,7 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
 def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linear: bool) -> _ComponentPlan:
     reference = [e for e in entries.values() if e.section == "lie"] or list(entries.values())
     first = reference[0]
-    convs = sorted(n for n in entries if isinstance(_base_layer(model.get_submodule(n)), nn.Conv2d))
+    convs = sorted(n for n in entries if isinstance(unwrap_layer(model.get_submodule(n)), nn.Conv2d))
     linears = sorted(n for n in entries if n not in convs)
     config = LieConfig(
         rank=first.rank,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import layer as lora_layer
-from peft.tuners.tuners_utils import check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .functional import MODES, LieFactor, lie_conv2d, lie_linear, lie_multiplier
@@ -33,6 +33,11 @@ class LieLoraConfig(LoraConfig):
     """
 
     lie_mode: str = field(default="exp", metadata={"help": "Lie update: 'exp' (W ⊙ exp Δ) or 'taylor' (W + W ⊙ Δ)."})
+
+
+def unwrap_layer(module: nn.Module) -> nn.Module:
+    """The plain module under a peft tuner layer (or the module itself when it is not adapted)."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 class LieLayerMixin:
@@ -129,7 +134,7 @@ class LieConv2d(LieLayerMixin, lora_layer.Conv2d):
     """A Conv2d with Lie adapters: one convolution with W ⊙ M(Δ)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> None:
-        conv = base_layer.get_base_layer() if isinstance(base_layer, lora_layer.LoraLayer) else base_layer
+        conv = unwrap_layer(base_layer)
         name = kwargs.get("target_name", "Conv2d")
         if conv.groups != 1:
             raise ValueError(f"{name}: Lie adapters support groups=1 convolutions only (got groups={conv.groups}).")

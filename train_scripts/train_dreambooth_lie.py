@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, read_lie_file, save_lie_weights
+from lie_diffusion.io import WEIGHT_NAME
 
 logger = get_logger(__name__)
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 # torchvision's InterpolationMode names (what diffusers' flag accepts), mapped onto PIL filters.
 INTERPOLATION = {
