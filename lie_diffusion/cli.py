@@ -1,4 +1,5 @@
-"""`lie-diffusion merge | inspect`: bake an adapter file into a standalone pipeline, or describe one.
+"""`lie-diffusion merge | inspect | export | extract`: bake an adapter into a pipeline, describe one, convert
+one to the kohya format other tools read, or extract one from a fully fine-tuned model.
 
 Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts.
 """
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("file", help="adapter .safetensors file, or a folder holding one")
     inspect.set_defaults(func=inspect_command)
+    _add_export_parser(commands)
+    _add_extract_parser(commands)
     return parser
 
 
@@ -183,3 +186,85 @@ def describe(adapter) -> str:
             "  " + "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def _add_export_parser(commands) -> None:
+    from .export import CONV_MODES, DEFAULT_MAX_REL_ERROR, STRENGTH_CAVEAT
+
+    export = commands.add_parser(
+        "export",
+        help="write an adapter as a kohya/LyCORIS file for ComfyUI, A1111/Forge and diffusers",
+        description="Convert a lie-diffusion file into kohya names and formats. LoRA parts are copied with their "
+        "alpha; each Lie part becomes its additive update ΔW = W ⊙ expm1(sΔ) on the base weights, written whole "
+        "(.diff, exact) or as a LoCon from its truncated SVD. " + STRENGTH_CAVEAT,
+    )
+    export.add_argument("adapter", help="lie-diffusion .safetensors file, or a folder holding one")
+    export.add_argument("--base", required=True, help="the base diffusers pipeline folder the adapter was trained on")
+    export.add_argument("--output", required=True, help="the .safetensors file to write")
+    export.add_argument("--format", default="kohya", help="output format (default and only one: kohya)")
+    export.add_argument(
+        "--conv", choices=CONV_MODES, default="auto",
+        help="Lie parts as .diff (exact; ComfyUI/A1111/Forge, not diffusers), lowrank LoCon (every tool), or auto: "
+        "LoCon where it meets --max-rel-error with fewer bytes, .diff elsewhere (default: auto)",
+    )
+    export.add_argument("--rank", type=int, help="one LoCon rank for every Lie layer (--conv lowrank)")
+    export.add_argument(
+        "--max-rel-error", type=float,
+        help="per layer, the smallest rank whose Frobenius error is at most this fraction of ‖ΔW‖ "
+        f"(default: {DEFAULT_MAX_REL_ERROR})",
+    )
+    export.add_argument("--dtype", choices=DTYPES, default="fp16", help="dtype of the written tensors (default: fp16)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    export.set_defaults(func=export_command)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    from .export import export_file, format_report
+
+    output, rows, total = export_file(
+        args.adapter, args.base, args.output, format=args.format, conv=args.conv, rank=args.rank,
+        max_rel_error=args.max_rel_error, dtype=args.dtype, overwrite=args.overwrite,
+    )
+    print(format_report(rows, total))
+    print(f"Wrote {output} ({output.stat().st_size / 1024:.1f} KiB); the report is in its metadata.")
+
+
+# ---------------------------------------------------------------------------------------------- extract
+
+
+def _add_extract_parser(commands) -> None:
+    from .extract import DEFAULT_STEPS
+
+    extract = commands.add_parser(
+        "extract",
+        help="extract a Lie adapter (plus attention LoRA) from a fully fine-tuned model",
+        description="Fit Lie adapters on the conv layers (from log(W_tuned / W_base), refined on the weight-space "
+        "error) and LoRA on the attention projections (SVD of W_tuned - W_base) of every component that changed; "
+        "report per-layer and total relative errors next to a LoCon of equal size.",
+    )
+    extract.add_argument("--base", required=True, help="the base diffusers pipeline folder")
+    extract.add_argument("--tuned", required=True, help="the fully fine-tuned pipeline folder (same architecture)")
+    extract.add_argument("--output", required=True, help="folder to write pytorch_lora_weights.safetensors to")
+    extract.add_argument("--rank", type=int, default=4, help="rank of the Lie conv adapters (default: 4)")
+    extract.add_argument("--attn-rank", type=int, help="rank of the attention LoRA (default: --rank)")
+    extract.add_argument("--mode", default="exp", help="Lie mode: exp (W ⊙ exp Δ) or taylor (W + W ⊙ Δ)")
+    extract.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS,
+        help=f"L-BFGS iterations on the weight-space error per conv layer (default: {DEFAULT_STEPS}; 0: SVD only)",
+    )
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing adapter file in --output")
+    extract.set_defaults(func=extract_command)
+
+
+def extract_command(args: argparse.Namespace) -> None:
+    from .extract import extract_file, format_report
+
+    path, fits, total, other = extract_file(
+        args.base, args.tuned, args.output, rank=args.rank, attn_rank=args.attn_rank, mode=args.mode,
+        steps=args.steps, overwrite=args.overwrite,
+    )
+    print(format_report(fits, total, other))
+    print(f"Wrote {path}.")

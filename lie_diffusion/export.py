@@ -1,0 +1,384 @@
+"""Export a lie-diffusion file to the kohya/LyCORIS format that ComfyUI, A1111, Forge and diffusers read.
+
+None of those tools applies a multiplicative update: every format they read ends as W += t·ΔW.
+A Lie adapter is exactly such an update at strength t = 1, tied to the base weights:
+
+    exp:    ΔW = W ⊙ expm1(sΔ)          taylor: ΔW = W ⊙ sΔ
+
+so the export needs the base model. ΔW is full size and in general full rank, so it is written
+either whole (`<name>.diff`, exact, large) or as a LoCon (`lora_down`/`lora_up`/`alpha`) from its
+truncated SVD, whose per-layer Frobenius error is exactly √(Σ_{i>k} σᵢ²). Plain LoRA parts of the
+file are already additive: they are copied with their true alpha.
+
+At strength t those tools apply W(1 + t·expm1(sΔ)), not the Lie model's W ⊙ exp(t·sΔ); the two agree
+at t = 1 only.
+
+Names: SD1.x/2.x use kohya's diffusers-style names (`lora_unet_down_blocks_0_resnets_0_conv1`),
+which diffusers, ComfyUI, Forge and A1111 all map. SDXL uses the SGM/LDM names kohya trains with
+(`lora_unet_input_blocks_4_0_in_layers_2`), which A1111 needs for SDXL. Text encoders: `lora_te_`
+(SD1/2), `lora_te1_` / `lora_te2_` (SDXL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .functional import lie_delta
+from .io import COMPONENTS, LieFile, ModuleEntry, _atomic_write, _fingerprint_diff, _plan, read_lie_file
+
+FORMATS = ("kohya",)
+CONV_MODES = ("exact", "lowrank", "auto")
+DEFAULT_MAX_REL_ERROR = 0.01
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STRENGTH_CAVEAT = (
+    "These tools apply W + t·ΔW: at strength t the exported Lie part is W(1 + t·expm1(sΔ)), not the "
+    "Lie model's W ⊙ exp(t·sΔ); the two agree at t = 1 only."
+)
+# diffusers ResnetBlock2D submodule -> SGM/LDM ResBlock submodule
+_RESNET_TO_SGM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_TOP_LEVEL_TO_SGM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+# The CLIP modules kohya names and ComfyUI maps: per encoder layer, attention projections and the MLP.
+_TEXT_MODULE_RE = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
+_KOHYA_PREFIX = {"sd": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+def is_sdxl(unet_config) -> bool:
+    """SDXL UNets condition on pooled text + image sizes ("text_time"); SD1/2 do not."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def unet_name_to_sgm(name: str, unet_config) -> str:
+    """The SGM/LDM (`input_blocks` / `middle_block` / `output_blocks`) name of a diffusers UNet module."""
+    per_block = unet_config["layers_per_block"]
+    if not isinstance(per_block, int):
+        raise ValueError(f"SGM names need one layers_per_block for every block; this UNet has {per_block}.")
+    for diffusers_name, sgm in _TOP_LEVEL_TO_SGM.items():
+        if name == diffusers_name or name.startswith(diffusers_name + "."):
+            return sgm + name[len(diffusers_name):]
+    parts = name.split(".")
+    if parts[0] == "down_blocks" and len(parts) > 4:
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        if kind == "downsamplers":  # the sampler is its own input block, after the block's layers
+            return f"input_blocks.{(block + 1) * (per_block + 1)}.0.op" + _tail(rest[1:])
+        return f"input_blocks.{1 + block * (per_block + 1) + index}." + _inner(kind, rest, name)
+    if parts[0] == "mid_block" and len(parts) > 3:
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        position = 1 if kind == "attentions" else 2 * index  # resnet, transformer, resnet
+        return f"middle_block.{position}." + _inner(kind, rest, name, sequential=True)
+    if parts[0] == "up_blocks" and len(parts) > 4:
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        first = block * (per_block + 1)
+        if kind == "upsamplers":  # inside the block's last output block, after its resnet (and transformer)
+            with_attention = unet_config["up_block_types"][block].startswith("CrossAttn")
+            return f"output_blocks.{first + per_block}.{2 if with_attention else 1}.conv" + _tail(rest[1:])
+        return f"output_blocks.{first + index}." + _inner(kind, rest, name)
+    raise ValueError(f"UNet module {name!r} has no SGM name (not part of the SD/SDXL UNet layout).")
+
+
+def _tail(rest: list[str]) -> str:
+    return "".join("." + part for part in rest)
+
+
+def _inner(kind: str, rest: list[str], name: str, sequential: bool = False) -> str:
+    """A resnet's or transformer's submodule path inside one SGM block."""
+    if kind == "resnets":
+        sub = ".".join(rest)
+        for diffusers_sub, sgm_sub in _RESNET_TO_SGM.items():
+            if sub == diffusers_sub or sub.startswith(diffusers_sub + "."):
+                return ("" if sequential else "0.") + sgm_sub + sub[len(diffusers_sub):]
+        raise ValueError(f"UNet module {name!r}: unknown resnet part {sub!r}.")
+    if kind == "attentions":
+        return ("" if sequential else "1.") + ".".join(rest)
+    raise ValueError(f"UNet module {name!r}: unknown block part {kind!r}.")
+
+
+def kohya_name(component: str, module: str, unet_config) -> str:
+    """The kohya key stem of a module (`lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…`)."""
+    family = "sdxl" if is_sdxl(unet_config) else "sd"
+    if component == "unet":
+        name = unet_name_to_sgm(module, unet_config) if family == "sdxl" else module
+        return "lora_unet_" + name.replace(".", "_")
+    prefix = _KOHYA_PREFIX[family].get(component)
+    if prefix is None:
+        raise ValueError(f"{component}.{module}: an {family.upper()} pipeline has no {component}.")
+    module = module if module.startswith("text_model.") else "text_model." + module
+    if not _TEXT_MODULE_RE.fullmatch(module):
+        raise ValueError(
+            f"{component}.{module}: kohya names cover a text encoder's attention projections and MLP only."
+        )
+    return f"{prefix}_" + module.replace(".", "_")
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def load_models(path, components=COMPONENTS, role: str = "base") -> dict[str, nn.Module]:
+    """The UNet / text encoders of a diffusers pipeline folder (or a UNet folder), in float32."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        if (path / "config.json").is_file() and "unet" in components:
+            return {"unet": UNet2DConditionModel.from_pretrained(str(path), torch_dtype=torch.float32)}
+        raise ValueError(f"{path}: the {role} model is not a diffusers pipeline folder (no model_index.json).")
+    listed = json.loads(index.read_text())
+    models = {}
+    for component in components:
+        library, class_name = (listed.get(component) or [None, None])[:2]
+        if class_name is None:
+            continue
+        if component == "unet":
+            models[component] = UNet2DConditionModel.from_pretrained(
+                str(path), subfolder="unet", torch_dtype=torch.float32
+            )
+            continue
+        import transformers
+
+        model_class = getattr(transformers, class_name, None)
+        if library != "transformers" or model_class is None:
+            raise ValueError(f"{path}: {component} is a {library}.{class_name}; expected a transformers CLIP model.")
+        models[component] = model_class.from_pretrained(str(path), subfolder=component, torch_dtype=torch.float32)
+    if "unet" not in models:
+        raise ValueError(f"{path}: the {role} pipeline has no unet.")
+    return models
+
+
+def check_base(adapter: LieFile, models: dict[str, nn.Module]) -> dict[str, dict[str, ModuleEntry]]:
+    """Refuse a base whose UNet config differs from the one the adapter was saved for, or whose modules do not
+    fit it; return, per component, the model's module name -> file entry."""
+    diff = _fingerprint_diff(adapter, models.get("unet"))
+    if diff:
+        raise ValueError(f"{adapter.path}: was saved for another base model ({diff}).")
+    missing = [c for c in adapter.components if c not in models]
+    if missing:
+        raise ValueError(f"{adapter.path}: holds adapters for {missing}, which the base model lacks.")
+    plans = _plan(adapter, models, adapter_name="lie-diffusion-export")  # names and shapes, or one clear error
+    return {component: plan.entries for component, plan in plans.items()}
+
+
+# ------------------------------------------------------------------------------------------------- math
+
+
+def lie_update(weight: torch.Tensor, entry: ModuleEntry) -> torch.Tensor:
+    """ΔW of a Lie adapter at strength 1, in float64: W ⊙ expm1(sΔ) (exp) or W ⊙ sΔ (taylor)."""
+    delta = lie_delta(entry.A.double(), entry.B.double(), entry.alpha / entry.rank, weight.shape)
+    return weight.double() * (torch.expm1(delta) if entry.mode == "exp" else delta)
+
+
+def lora_update(entry: ModuleEntry, shape) -> torch.Tensor:
+    """ΔW of an additive LoRA: (alpha/rank)·B@A, in float64."""
+    return lie_delta(entry.A.double(), entry.B.double(), entry.alpha / entry.rank, shape)
+
+
+def truncation_errors(singular_values: torch.Tensor) -> torch.Tensor:
+    """errors[k] = √(Σ_{i≥k} σᵢ²): the Frobenius error of keeping the first k singular triplets (k = 0..n)."""
+    squares = singular_values.double().square()
+    tails = torch.cat([squares.flip(0).cumsum(0).flip(0), squares.new_zeros(1)])
+    return tails.clamp_min(0).sqrt()
+
+
+def smallest_rank(errors: torch.Tensor, max_rel_error: float) -> int:
+    """The smallest k whose truncation error is at most `max_rel_error`·‖ΔW‖ (errors[0] = ‖ΔW‖)."""
+    ok = torch.nonzero(errors <= max_rel_error * errors[0]).squeeze(1)
+    return int(ok[0])
+
+
+def low_rank_factors(U, S, Vh, k: int, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_down, lora_up) of rank k, √σ on each side, in kohya/LoCon shapes (conv: up is 1x1)."""
+    root = S[:k].sqrt()
+    down = (root[:, None] * Vh[:k]).reshape(k, *shape[1:])
+    up = U[:, :k] * root
+    return down, up.reshape(shape[0], k, *([1] * (len(shape) - 2)))
+
+
+@dataclass
+class ExportRow:
+    """One exported module: what was written and how far it is from the exact update."""
+
+    name: str  # kohya key stem
+    module: str  # <component>.<module> in the source file
+    source: str  # "lie" or "lora"
+    written: str  # "lora" (LoRA copied), "locon" (low-rank Lie update) or "diff" (full Lie update)
+    rank: int | None  # None for diff
+    max_rank: int
+    rel_error: float  # ‖ΔW_written − ΔW‖_F / ‖ΔW‖_F, measured on the written tensors
+    abs_error: float
+    update_norm: float  # ‖ΔW‖_F
+    bytes: int
+
+
+def export_kohya(
+    adapter: LieFile,
+    models: dict[str, nn.Module],
+    conv: str = "auto",
+    rank: int | None = None,
+    max_rel_error: float | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> tuple[dict[str, torch.Tensor], list[ExportRow]]:
+    """The kohya state dict of `adapter` applied to the base `models`, and one report row per module."""
+    if conv not in CONV_MODES:
+        raise ValueError(f"unknown --conv {conv!r}; choose from {', '.join(CONV_MODES)}.")
+    if rank is not None and max_rel_error is not None:
+        raise ValueError("give --rank or --max-rel-error, not both.")
+    if rank is not None and conv != "lowrank":
+        raise ValueError(f"--rank applies to --conv lowrank; --conv {conv} chooses ranks from --max-rel-error.")
+    if rank is not None and rank < 1:
+        raise ValueError(f"--rank must be a positive integer, got {rank}.")
+    if max_rel_error is None:
+        max_rel_error = DEFAULT_MAX_REL_ERROR
+    if not 0 <= max_rel_error < 1:
+        raise ValueError(f"--max-rel-error must be in [0, 1), got {max_rel_error}.")
+    entries = check_base(adapter, models)
+    unet_config = models["unet"].config
+    tensors, rows = {}, []
+    for component in (c for c in COMPONENTS if c in entries):
+        for module_name, entry in sorted(entries[component].items()):
+            weight = models[component].get_submodule(module_name).weight.detach()
+            name = kohya_name(component, module_name, unet_config)
+            if name in tensors or f"{name}.lora_down.weight" in tensors:
+                raise ValueError(f"{entry.ref}: kohya name {name} is given twice.")
+            written = _export_module(name, entry, weight, conv, rank, max_rel_error, dtype)
+            tensors.update(written[0])
+            rows.append(written[1])
+    return tensors, rows
+
+
+def _export_module(name, entry, weight, conv, rank, max_rel_error, dtype):
+    shape, max_rank = weight.shape, min(weight.shape[0], weight[0].numel())
+    if entry.section == "lora":
+        update = lora_update(entry, shape)
+        out = {f"{name}.lora_down.weight": entry.A.to(dtype), f"{name}.lora_up.weight": entry.B.to(dtype),
+               f"{name}.alpha": torch.tensor(entry.alpha, dtype=torch.float32)}
+        return out, _row(name, entry, "lora", entry.rank, max_rank, update, out)
+    update = lie_update(weight, entry)
+    if conv != "exact":
+        if rank is not None and rank > max_rank:
+            raise ValueError(
+                f"--rank {rank} is larger than {entry.ref} allows (weight {tuple(shape)}: rank at most {max_rank})."
+            )
+        U, S, Vh = torch.linalg.svd(update.reshape(shape[0], -1), full_matrices=False)
+        k = rank if rank is not None else smallest_rank(truncation_errors(S), max_rel_error)
+        k = max(k, 1)
+        locon_size = k * (shape[0] + weight[0].numel())
+        if conv == "lowrank" or locon_size < weight.numel():
+            down, up = low_rank_factors(U, S, Vh, k, shape)
+            out = {f"{name}.lora_down.weight": down.to(dtype), f"{name}.lora_up.weight": up.to(dtype),
+                   f"{name}.alpha": torch.tensor(float(k), dtype=torch.float32)}
+            return out, _row(name, entry, "locon", k, max_rank, update, out)
+    out = {f"{name}.diff": update.to(dtype)}
+    return out, _row(name, entry, "diff", None, max_rank, update, out)
+
+
+def _row(name, entry, written, rank, max_rank, update, out) -> ExportRow:
+    if written == "diff":
+        applied = out[f"{name}.diff"].double()
+    else:
+        down, up = out[f"{name}.lora_down.weight"].double(), out[f"{name}.lora_up.weight"].double()
+        applied = lie_delta(down, up, out[f"{name}.alpha"].item() / down.shape[0], update.shape)
+    error, norm = (applied - update).norm().item(), update.norm().item()
+    return ExportRow(
+        name=name, module=entry.ref, source=entry.section, written=written, rank=rank, max_rank=max_rank,
+        rel_error=error / norm if norm > 0 else 0.0, abs_error=error, update_norm=norm,
+        bytes=sum(t.numel() * t.element_size() for t in out.values()),
+    )
+
+
+def summary(rows: list[ExportRow]) -> dict:
+    """Totals over all modules; `rel_error` is the error of the whole update: √Σerr² / √Σ‖ΔW‖²."""
+    norms = sum(r.update_norm**2 for r in rows)
+    errors = sum(r.abs_error**2 for r in rows)
+    counts = {kind: sum(r.written == kind for r in rows) for kind in ("lora", "locon", "diff")}
+    return {
+        "modules": len(rows),
+        "bytes": sum(r.bytes for r in rows),
+        "rel_error": math.sqrt(errors / norms) if norms > 0 else 0.0,
+        "max_rel_error": max((r.rel_error for r in rows), default=0.0),
+        **{f"{kind}_modules": n for kind, n in counts.items()},
+        "read_by": "ComfyUI, Forge, A1111" + ("" if counts["diff"] else ", diffusers load_lora_weights"),
+    }
+
+
+def format_report(rows: list[ExportRow], total: dict) -> str:
+    table = [("module", "source", "written", "rank", "rel. error", "bytes")]
+    for r in rows:
+        rank = "-" if r.rank is None else f"{r.rank}/{r.max_rank}"
+        table.append((r.name, r.source, r.written, rank, f"{r.rel_error:.2e}", f"{r.bytes:,}"))
+    table.append(("total", "", f"{total['modules']} modules", "", f"{total['rel_error']:.2e}", f"{total['bytes']:,}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        f"{total['lora_modules']} LoRA copied, {total['locon_modules']} Lie as LoCon, {total['diff_modules']} Lie "
+        f"as .diff; largest per-module error {total['max_rel_error']:.2e} (relative to that module's ΔW)."
+    )
+    lines.append(f"Read by: {total['read_by']}" + (
+        "." if not total["diff_modules"] else "; stock diffusers refuses .diff keys (use --conv lowrank for it)."
+    ))
+    lines.append(STRENGTH_CAVEAT)
+    return "\n".join(lines)
+
+
+def export_file(
+    adapter_path,
+    base,
+    output,
+    format: str = "kohya",
+    conv: str = "auto",
+    rank: int | None = None,
+    max_rel_error: float | None = None,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+) -> tuple[Path, list[ExportRow], dict]:
+    """Read, check, convert and atomically write; nothing is written when any step fails."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; this version writes: {', '.join(FORMATS)}.")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPES)}.")
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"{output}: the output must be a .safetensors file.")
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it.")
+    if not output.parent.is_dir():
+        raise ValueError(f"{output.parent}: no such directory.")
+    adapter = read_lie_file(adapter_path)
+    if adapter.info is None:
+        raise ValueError(f"{adapter.path}: not a lie-diffusion file (no 'lie_diffusion' metadata).")
+    models = load_models(base, [c for c in COMPONENTS if c == "unet" or c in adapter.components])
+    tensors, rows = export_kohya(adapter, models, conv, rank, max_rel_error, DTYPES[dtype])
+    total = summary(rows)
+    from . import __version__
+
+    report = {"writer": f"lie-diffusion {__version__}", "source": adapter.path.name, "conv": conv,
+              "dtype": dtype, "strength_caveat": STRENGTH_CAVEAT, "total": total,
+              "modules": [asdict(r) for r in rows]}
+    metadata = {"format": "pt", "lie_diffusion_export": json.dumps(report, sort_keys=True)}
+    _atomic_write(output, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    return output, rows, total
