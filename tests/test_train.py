@@ -107,7 +107,8 @@ def _driver(directory):
 
 def _steps(result):
     """(rank, dtypes, sum) for each optimizer step reported by the driver."""
-    return re.findall(r"STEP rank=(\d+) dtypes=(\S+) sum=(\S+)", result.stderr)
+    # Two processes share stderr: a line may run into the next one's "STEP", so match the number only.
+    return re.findall(r"STEP rank=(\d+) dtypes=(\S+) sum=([-+.0-9e]+|nan|-?inf)", result.stderr)
 
 
 def checkpoints(output):

@@ -1,0 +1,829 @@
+"""What the DreamBooth scripts (Stable Diffusion and SDXL) share: flags, data, checkpoints, the loop.
+
+Each script in `train_scripts/` loads its models, says how a batch becomes a loss and how a pipeline
+is built for validation; everything else — data set, class images, optimizer, exact resume, atomic
+checkpoints, the NaN stop, validation images, the model card — lives here once, so the two scripts
+behave the same and never drift apart.
+
+Needs the `train` extra (accelerate's trackers use tensorboard by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr, free_memory
+from diffusers.utils import make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from .inject import LieConfig
+from .io import WEIGHT_NAME, load_lie_weights, read_lie_file, save_lie_weights
+
+logger = get_logger(__name__)
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+# torchvision's InterpolationMode names (what diffusers' flag accepts), mapped onto PIL filters.
+INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class TrainingError(Exception):
+    """A problem the user can fix (bad input, diverged run): reported as one line, without a traceback."""
+
+
+@dataclass
+class ModelFamily:
+    """How a script's base model is named in logs, trackers and the model card."""
+
+    title: str  # "Stable Diffusion"
+    pipeline_class: str  # shown in the model card's usage snippet
+    tags: tuple[str, ...]
+    tracker: str  # accelerate's project name for the trackers
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags both scripts take, with diffusers' DreamBooth LoRA meanings, plus the adapter flags."""
+    # Model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                        help="Path to a pipeline folder or a model id on huggingface.co.")
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    # Data
+    parser.add_argument("--instance_data_dir", type=str, required=True,
+                        help="A folder with the instance images.")
+    parser.add_argument("--instance_prompt", type=str, required=True,
+                        help="The prompt with the identifier of the instance, e.g. 'a photo of sks dog'.")
+    parser.add_argument("--center_crop", action="store_true",
+                        help="Center-crop the images; by default they are randomly cropped.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip the images horizontally.")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION),
+                        help="The filter used to resize images.")
+    parser.add_argument("--repeats", type=int, default=1, help="How many times to repeat the instance images.")
+    # Prior preservation
+    parser.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
+    parser.add_argument("--class_data_dir", type=str, default=None, help="A folder with the class images.")
+    parser.add_argument("--class_prompt", type=str, default=None, help="The class prompt, e.g. 'a photo of dog'.")
+    parser.add_argument("--num_class_images", type=int, default=100,
+                        help="Minimal number of class images; missing ones are generated with the base model.")
+    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior loss.")
+    parser.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+                        help="Precision of class image generation; default fp16 on a GPU, else fp32.")
+    parser.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for class image generation.")
+    # Validation
+    parser.add_argument("--validation_prompt", type=str, default=None,
+                        help="A prompt used during and after training to check that the model is learning.")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation.")
+    parser.add_argument("--validation_epochs", type=int, default=50, help="Run validation every X epochs.")
+    parser.add_argument("--num_inference_steps", type=int, default=25,
+                        help="Denoising steps (DPM-Solver++) for validation images and generated class images.")
+    # Adapters
+    parser.add_argument("--rank", type=int, default=4, help="Rank of the adapters (Lie and attention).")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="Adapter alpha; the update is scaled by alpha / rank. Default: the rank.")
+    parser.add_argument("--lie_mode", type=str, default="exp", choices=["exp", "taylor"],
+                        help="Lie update: 'exp' (W ⊙ exp Δ, the group update) or 'taylor' (W + W ⊙ Δ).")
+    parser.add_argument("--attn_adapter", type=str, default="lora", choices=["lora", "lie", "none"],
+                        help="Adapter on the attention projections (and on the text encoders).")
+    parser.add_argument("--conv_rank", type=int, default=None, help="Rank of the conv Lie adapters (default: --rank).")
+    parser.add_argument("--conv_alpha", type=float, default=None,
+                        help="Alpha of the conv Lie adapters (default: --alpha, else the conv rank).")
+    parser.add_argument("--conv_targets", type=str, default=None,
+                        help="Comma-separated regexes matched against the end of Conv2d module names.")
+    parser.add_argument("--attn_targets", type=str, default=None,
+                        help="Comma-separated regexes matched against the end of attention Linear module names.")
+    parser.add_argument("--adapter_dropout", "--lora_dropout", type=float, default=0.0, help="Adapter dropout.")
+    # Text encoder
+    parser.add_argument("--text_encoder_lr", type=float, default=None,
+                        help="Learning rate of the text encoder adapters (default: --learning_rate).")
+    # Schedule
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--train_batch_size", type=int, default=4, help="Batch size (per device).")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="Total number of training steps; overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="Number of batches to accumulate before an optimizer step.")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Save memory at the cost of a slower backward pass.")
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="Initial learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true",
+                        help="Scale the learning rate by GPUs x gradient accumulation steps x batch size.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant",
+                        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                             '"constant_with_warmup".')
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr scheduler.")
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
+    parser.add_argument("--lr_power", type=float, default=1.0, help="Power factor of the polynomial scheduler.")
+    parser.add_argument("--snr_gamma", type=float, default=None,
+                        help="Min-SNR loss weighting gamma (5.0 is recommended); off by default.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Max gradient norm.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Subprocesses for data loading.")
+    # Optimizer
+    parser.add_argument("--optimizer", type=str, default="AdamW", choices=["AdamW", "adamw", "prodigy", "Prodigy"],
+                        help="AdamW, or Prodigy (pip install prodigyopt; use --learning_rate 1.0).")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                        help="Weight decay of the text encoder adapters (default: --adam_weight_decay).")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--prodigy_beta3", type=float, default=None,
+                        help="Prodigy's step-size coefficient; default: the square root of beta2.")
+    parser.add_argument("--prodigy_decouple", type=_boolean, default=True, help="Prodigy: decoupled weight decay.")
+    parser.add_argument("--prodigy_use_bias_correction", type=_boolean, default=True,
+                        help="Prodigy: Adam's bias correction.")
+    parser.add_argument("--prodigy_safeguard_warmup", type=_boolean, default=True,
+                        help="Prodigy: leave the lr out of the denominator of D during warmup.")
+    # Checkpointing
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="Save the training state every X optimizer steps, in output_dir/checkpoint-X.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints kept.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='Resume from a checkpoint folder (a path, or a name in output_dir), or "latest".')
+    # Precision and performance
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="Frozen weights in this precision, adapters in fp32. Default: accelerate's config.")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere GPUs.")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                        help="Use xformers attention (CUDA only); PyTorch SDPA is used otherwise.")
+    # Logging
+    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, in output_dir.")
+    parser.add_argument("--report_to", type=str, default="tensorboard",
+                        help='"tensorboard" (default), "wandb", "comet_ml", "all" or "none".')
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by some distributed launchers.")
+
+
+def _boolean(value: str) -> bool:
+    """argparse type for diffusers' `--prodigy_* True/False` flags (a plain `bool` would read "False" as True)."""
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def check_args(args) -> None:
+    """Catch what would otherwise fail after minutes of model loading, with a message that says what to do."""
+    if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
+        raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+    if args.train_text_encoder and args.attn_adapter == "none":
+        raise TrainingError("--train_text_encoder needs text encoder adapters: use --attn_adapter lora or lie.")
+    if args.enable_xformers_memory_efficient_attention and not (is_xformers_available() and torch.cuda.is_available()):
+        raise TrainingError(
+            "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers) and a CUDA GPU; "
+            "leave the flag out to use PyTorch's scaled-dot-product attention."
+        )
+    if args.use_8bit_adam:
+        if args.optimizer.lower() == "prodigy":
+            raise TrainingError("--use_8bit_adam goes with --optimizer AdamW, not prodigy.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
+    if args.optimizer.lower() == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise TrainingError("--optimizer prodigy needs prodigyopt: pip install 'lie-diffusion[prodigy]'.") from None
+    if args.resume_from_checkpoint not in (None, "latest"):
+        find_checkpoint(args)  # fails now if the checkpoint does not exist
+
+
+def adapter_config(args) -> LieConfig:
+    """LieConfig for the UNet; --rank/--alpha apply to both sections, --conv_* override the Lie (conv) one."""
+    alpha = args.alpha if args.alpha is not None else args.rank
+    conv_rank = args.conv_rank or args.rank
+    conv_alpha = next(a for a in (args.conv_alpha, args.alpha, conv_rank) if a is not None)
+    targets = {
+        name: tuple(t.strip() for t in value.split(",") if t.strip())
+        for name, value in (("conv_targets", args.conv_targets), ("attn_targets", args.attn_targets))
+        if value is not None
+    }
+    return LieConfig(
+        rank=conv_rank, alpha=conv_alpha, attn_rank=args.rank, attn_alpha=alpha, mode=args.lie_mode,
+        attn_adapter=args.attn_adapter, dropout=args.adapter_dropout, **targets,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def list_images(directory, role):
+    """The readable image files of `directory`, sorted; unreadable ones are skipped with a warning."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TrainingError(f"{role} directory {directory} does not exist.")
+    images = []
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            logger.warning(f"Skipping {path}: not a readable image ({error}).")
+        else:
+            images.append(path)
+    return images
+
+
+def load_rgb(path):
+    """Open an image upright (EXIF orientation) as RGB; transparency is composited onto white."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        return image.convert("RGB")
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance images (and class images for prior preservation) as [-1, 1] tensors of size x size.
+
+    Random crops and flips draw from a generator seeded by (seed, epoch, index), not from the global
+    RNG: the data a step sees then depends only on its position, which makes resuming exact. Each
+    example also carries the image's original (height, width) and the crop's (top, left) in the
+    resized image: SDXL's micro-conditioning.
+    """
+
+    def __init__(self, instance_images, class_images, size, center_crop, random_flip, interpolation, repeats, seed):
+        self.instance_images, self.class_images = instance_images, class_images
+        self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
+        self.interpolation, self.seed, self.epoch = INTERPOLATION[interpolation], seed, 0
+        self._length = max(len(instance_images) * repeats, len(class_images))
+
+    def __len__(self):
+        return self._length
+
+    def transform(self, image, rng):
+        original_size = (image.height, image.width)
+        width, height = image.size
+        scale = self.size / min(width, height)  # shorter side to `size`: small images are upscaled
+        width, height = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        image = image.resize((width, height), self.interpolation)
+        if self.center_crop:
+            left, top = (width - self.size) // 2, (height - self.size) // 2
+        else:
+            left, top = int(rng.integers(width - self.size + 1)), int(rng.integers(height - self.size + 1))
+        image = image.crop((left, top, left + self.size, top + self.size))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        example = {}
+        sources = [("instance", self.instance_images)] + ([("class", self.class_images)] if self.class_images else [])
+        for role, images in sources:
+            pixels, original_size, crop = self.transform(load_rgb(images[index % len(images)]), rng)
+            example[role] = pixels
+            example[f"{role}_size_crop"] = original_size + crop
+        return example
+
+
+def collate_fn(examples):
+    """Instance images first, then class images: one forward pass serves both losses.
+
+    `size_crops` holds (original height, original width, crop top, crop left) per image, same order.
+    """
+    roles = ["instance"] + (["class"] if "class" in examples[0] else [])
+    images = [e[role] for role in roles for e in examples]
+    size_crops = [e[f"{role}_size_crop"] for role in roles for e in examples]
+    return {"pixel_values": torch.stack(images), "size_crops": torch.tensor(size_crops)}
+
+
+def fast_sampler(pipeline):
+    """DPM-Solver++ for validation and class images, unless the model is an EDM one (keeps its own sampler)."""
+    if "EDM" not in type(pipeline.scheduler).__name__:
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    return pipeline
+
+
+def generate_class_images(args, accelerator, load_pipeline):
+    """Top up `class_data_dir` to `num_class_images` images sampled from the base model.
+
+    Every process samples its share; the main process writes them all (each file atomically).
+    """
+    class_dir = Path(args.class_data_dir)
+    if accelerator.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    existing = len(list_images(class_dir, "Class"))
+    missing = args.num_class_images - existing
+    if missing <= 0:
+        return
+    dtype = torch.float16 if accelerator.device.type in ("cuda", "xpu") else torch.float32
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.prior_generation_precision, dtype
+    )
+    pipeline = fast_sampler(load_pipeline(dtype))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(accelerator.device)
+    logger.info(f"Generating {missing} class images of {args.class_prompt!r} into {class_dir}.")
+    samples = []
+    with accelerator.split_between_processes(list(range(existing, args.num_class_images))) as indices:
+        batches = [indices[i : i + args.sample_batch_size] for i in range(0, len(indices), args.sample_batch_size)]
+        for batch in tqdm(batches, desc="Generating class images", disable=not accelerator.is_local_main_process):
+            # One generator per image: the images do not depend on the number of processes.
+            generators = None if args.seed is None else [torch.Generator().manual_seed(args.seed + i) for i in batch]
+            images = pipeline(
+                [args.class_prompt] * len(batch), num_inference_steps=args.num_inference_steps, generator=generators
+            ).images
+            samples += list(zip(batch, images))
+    samples = gather_object(samples) if accelerator.num_processes > 1 else samples
+    if accelerator.is_main_process:
+        for index, image in samples:
+            name = f"{index:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:12]}.jpg"
+            image.save(class_dir / f".{name}.tmp", format="JPEG")
+            os.replace(class_dir / f".{name}.tmp", class_dir / name)
+    accelerator.wait_for_everyone()
+    del pipeline
+    free_memory()
+
+
+# ------------------------------------------------------------------------------------------ run setup
+
+
+def start_run(args, load_pipeline):
+    """Accelerator, logging and seed; then the data (instance images, generated class images), checked.
+
+    `load_pipeline(torch_dtype, **components)` loads the base pipeline (for class images and validation).
+    Returns (accelerator, instance_images, class_images).
+    """
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=Path(args.output_dir, args.logging_dir)
+        ),
+        # The data order of epoch e is a function of (seed, e), so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    # Data first: a bad folder should fail in a second, not after the models have loaded.
+    instance_images = list_images(args.instance_data_dir, "Instance")
+    if not instance_images:
+        raise TrainingError(f"Instance directory {args.instance_data_dir} holds no readable images.")
+
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+    if args.seed is not None:
+        # Different noise on each process; the adapters still start equal (DDP broadcasts rank 0's).
+        set_seed(args.seed, device_specific=True)
+
+    class_images = []
+    if args.with_prior_preservation:
+        generate_class_images(args, accelerator, load_pipeline)
+        class_images = list_images(args.class_data_dir, "Class")[: args.num_class_images]
+        if not class_images:
+            raise TrainingError(f"Class directory {args.class_data_dir} holds no readable images.")
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator, instance_images, class_images
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The dtype of the frozen weights: half under mixed precision (the adapters stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def register_adapter_hooks(accelerator, adapted_models):
+    """accelerator.save_state / load_state: our adapter file replaces accelerate's full-model dump.
+
+    `adapted_models()` gives the models carrying trained adapters, unwrapped, by component name.
+    """
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lie_weights(output_dir, **adapted_models())
+        weights.clear()
+
+    def load_model_hook(models, input_dir):
+        models.clear()
+        load_adapters_in_place(input_dir, adapted_models())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def build_optimizer(args, accelerator, unet_params, text_encoder_params):
+    """AdamW (or 8-bit AdamW, or Prodigy) over the UNet adapters and, if any, the text encoder adapters."""
+    text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
+    if args.scale_lr:
+        factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate, text_encoder_lr = args.learning_rate * factor, text_encoder_lr * factor
+    prodigy = args.optimizer.lower() == "prodigy"
+    if prodigy and text_encoder_lr != args.learning_rate:
+        logger.warning("Prodigy adapts one learning rate: the text encoders use --learning_rate too.")
+        text_encoder_lr = args.learning_rate
+    param_groups = [{"params": unet_params, "lr": args.learning_rate}]
+    if text_encoder_params:
+        decay = args.adam_weight_decay_text_encoder
+        param_groups.append({"params": text_encoder_params, "lr": text_encoder_lr,
+                             "weight_decay": args.adam_weight_decay if decay is None else decay})
+    common = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if prodigy:
+        import prodigyopt
+
+        if args.learning_rate <= 0.1:
+            logger.warning("Prodigy works best with --learning_rate around 1.0.")
+        return prodigyopt.Prodigy(
+            param_groups, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+            use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
+            **common,
+        )
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(param_groups, **common)
+    return torch.optim.AdamW(param_groups, **common)
+
+
+def build_dataloader(args, accelerator, instance_images, class_images):
+    """The DreamBooth data set and its loader, both keyed by the seed so that resuming is exact."""
+    data_seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()).item())
+    dataset = DreamBoothDataset(
+        instance_images, class_images, args.resolution, args.center_crop, args.random_flip,
+        args.image_interpolation_mode, args.repeats, data_seed,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: starting an epoch must not draw from the global RNG (resume would diverge).
+        generator=torch.Generator().manual_seed(data_seed),
+    )
+    return dataset, dataloader
+
+
+def build_lr_scheduler(args, accelerator, optimizer, dataloader):
+    # The scheduler is stepped once per process per update (see diffusers PR 8312), hence the factors.
+    if args.max_train_steps is None:
+        batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
+        scheduler_steps = args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    else:
+        scheduler_steps = args.max_train_steps
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=scheduler_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def denoising_loss(args, noise_scheduler, model_pred, target, timesteps, with_prior, weighting=None):
+    """Per-sample MSE, optionally Min-SNR weighted (https://arxiv.org/abs/2303.09556) or weighted per
+    sample (`weighting`, EDM); with prior preservation the second half of the batch is the prior loss."""
+    squared = (model_pred.float() - target.float()) ** 2
+    if weighting is not None:
+        squared = weighting.float() * squared
+    per_sample = squared.mean(dim=tuple(range(1, squared.ndim)))
+    if args.snr_gamma is not None:
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=args.snr_gamma)
+        weights = weights / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weights
+    if not with_prior:
+        return per_sample.mean()
+    instance_loss, prior_loss = per_sample.chunk(2)
+    return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
+
+
+def noise_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return noise
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(f"Unknown prediction type {noise_scheduler.config.prediction_type}.")
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_steps(output_dir):
+    """Steps of the complete checkpoints in `output_dir`, oldest first (partial ones are dot-folders)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(int(m.group(1)) for m in map(CHECKPOINT_RE.fullmatch, names) if m)
+
+
+def find_checkpoint(args):
+    """The checkpoint folder to resume from, or None when "latest" finds none."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(output_dir)
+        return output_dir / f"checkpoint-{steps[-1]}" if steps else None
+    for path in (Path(args.resume_from_checkpoint), output_dir / args.resume_from_checkpoint):
+        if path.is_dir() and CHECKPOINT_RE.fullmatch(path.name):
+            return path
+    raise TrainingError(
+        f"--resume_from_checkpoint {args.resume_from_checkpoint}: no checkpoint-<step> folder there or in {output_dir}."
+    )
+
+
+@torch.no_grad()
+def load_adapters_in_place(checkpoint, models):
+    """Copy a checkpoint's adapter factors into the adapters being trained.
+
+    In place, because the optimizer and DDP hold these very tensors (load_lie_weights would add new ones).
+    """
+    saved = {(m.component, m.module): m for m in read_lie_file(checkpoint).modules}
+    trained = {
+        (component, name): layer
+        for component, model in models.items()
+        for name, layer in model.named_modules()
+        if "default" in getattr(layer, "lora_A", {})
+    }
+    if saved.keys() != trained.keys() or any(
+        saved[k].A.shape != trained[k].lora_A["default"].weight.shape
+        or saved[k].B.shape != trained[k].lora_B["default"].weight.shape
+        for k in saved
+    ):
+        raise TrainingError(
+            f"the adapters in {checkpoint} do not match the ones this run trains; resume with the flags of the run "
+            "that wrote it (--rank, --conv_rank, --conv_targets, --attn_targets, --attn_adapter, --train_text_encoder)."
+        )
+    for key, entry in saved.items():
+        trained[key].lora_A["default"].weight.copy_(entry.A)
+        trained[key].lora_B["default"].weight.copy_(entry.B)
+
+
+def save_checkpoint(args, accelerator, step, params):
+    """accelerator.save_state into a temporary folder, renamed when complete; then prune old ones."""
+    if not all(torch.isfinite(p).all() for p in params):
+        raise TrainingError(f"adapter weights are not finite at step {step}; not saving a checkpoint.")
+    output_dir = Path(args.output_dir)
+    final, partial = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))  # every process writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        stale = output_dir / f".checkpoint-{step}.stale"  # written by a run this one resumed from before it
+        if final.exists():
+            os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+        logger.info(f"Saved state to {final}")
+        if args.checkpoints_total_limit is not None:
+            steps = checkpoint_steps(output_dir)
+            for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
+                logger.info(f"Removing checkpoint-{old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                shutil.rmtree(output_dir / f"checkpoint-{old}")
+
+
+# ---------------------------------------------------------------------------------------- the loop
+
+
+def train_loop(args, accelerator, family, *, trained_models, params, optimizer, lr_scheduler, dataset, dataloader,
+               compute_loss, validation_pipeline, validation_kwargs=None):
+    """Resume if asked, then train to `max_train_steps`: checkpoints, NaN stop, logs, periodic validation.
+
+    `compute_loss(batch)` gives the loss of one batch; `validation_pipeline()` builds a pipeline around
+    the models being trained. Returns the last global step.
+    """
+    num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(family.tracker, config={k: v for k, v in vars(args).items() if v is not None})
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Running training ({family.title}) *****")
+    logger.info(f"  Num examples = {len(dataset)}")
+    logger.info(f"  Num batches each epoch = {len(dataloader)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Trainable parameters = {sum(p.numel() for p in params):,}")
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from checkpoint {checkpoint}")
+            accelerator.load_state(str(checkpoint))
+            global_step = int(CHECKPOINT_RE.fullmatch(checkpoint.name).group(1))
+    first_epoch = global_step // num_update_steps_per_epoch
+    # Batches of the first epoch that the checkpoint has already trained on.
+    resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(first_epoch, args.num_train_epochs):
+        for model in trained_models:
+            model.train()
+        dataset.epoch = epoch
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(dataloader, resume_batches)
+        for batch in batches:
+            with accelerator.accumulate(*trained_models):
+                loss = compute_loss(batch)
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean")  # the same verdict on every process
+                if not torch.isfinite(mean_loss):
+                    steps = checkpoint_steps(args.output_dir)
+                    last = Path(args.output_dir, f"checkpoint-{steps[-1]}") if steps else None
+                    raise TrainingError(
+                        f"loss is {mean_loss.item()} at step {global_step + 1}; stopping. "
+                        + (f"The last good checkpoint is {last}; " if last else "")
+                        + "try a lower --learning_rate or another --mixed_precision."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(args, accelerator, global_step, params)
+                lrs = lr_scheduler.get_last_lr()
+                logs = {"loss": mean_loss.item(), "lr": lrs[0]}
+                if len(lrs) > 1:
+                    logs["lr_text_encoder"] = lrs[1]
+                progress_bar.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+            if global_step >= args.max_train_steps:
+                break
+
+        # Periodic validation; the final one (finish_training) covers the end of training.
+        validate = args.validation_prompt and epoch % args.validation_epochs == 0
+        if accelerator.is_main_process and validate and global_step < args.max_train_steps:
+            for model in trained_models:
+                model.eval()
+            pipeline = validation_pipeline()
+            log_validation(pipeline, args, accelerator, global_step, **(validation_kwargs or {}))
+            del pipeline
+            free_memory()
+    return global_step
+
+
+def log_validation(pipeline, args, accelerator, step, phase="validation", **call_kwargs):
+    """Generate `num_validation_images` images, save them as one grid PNG and log them to the trackers."""
+    logger.info(f"Running {phase}: {args.num_validation_images} images of {args.validation_prompt!r}.")
+    pipeline = fast_sampler(pipeline).to(accelerator.device)  # moves only: a cast would turn fp32 adapters to half
+    pipeline.set_progress_bar_config(disable=True)
+    generator = None if args.seed is None else torch.Generator(accelerator.device).manual_seed(args.seed)
+    with accelerator.autocast():
+        images = pipeline(
+            args.validation_prompt,
+            num_images_per_prompt=args.num_validation_images,
+            num_inference_steps=args.num_inference_steps,
+            generator=generator,
+            **call_kwargs,
+        ).images
+
+    grid_dir = Path(args.output_dir, "validation")
+    grid_dir.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=1, cols=len(images)).save(grid_dir / f"{phase}-step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(phase, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            captions = [f"{n}: {args.validation_prompt}" for n in range(len(images))]
+            tracker.log({phase: [wandb.Image(i, caption=c) for i, c in zip(images, captions)]})
+    return images
+
+
+def finish_training(args, accelerator, family, adapted_models, load_pipeline, step, validation_kwargs=None):
+    """Save the adapters; check the saved file the way a user would load it (test images); write the card."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = save_lie_weights(args.output_dir, **adapted_models())
+        logger.info(f"Saved the adapters to {path}")
+        images = []
+        if args.validation_prompt and args.num_validation_images > 0:
+            pipeline = load_pipeline(weight_dtype_of(accelerator))
+            load_lie_weights(pipeline, args.output_dir)
+            images = log_validation(pipeline, args, accelerator, step, phase="test", **(validation_kwargs or {}))
+        save_model_card(args, images, family, list(adapted_models()))
+    accelerator.end_training()
+
+
+# --------------------------------------------------------------------------------------- model card
+
+
+def save_model_card(args, images, family, components):
+    """Write a diffusers-style README.md model card (and its images) into `output_dir`."""
+    output_dir = Path(args.output_dir)
+    widget, gallery = [], ""
+    for i, image in enumerate(images):
+        image.save(output_dir / f"image_{i}.png")
+        widget.append(f"- text: {json.dumps(args.validation_prompt)}\n  output:\n    url: image_{i}.png")
+        gallery += f"![image_{i}](./image_{i}.png)\n"
+    rows = [(k, str(v).replace("|", "\\|")) for k, v in sorted(vars(args).items()) if k != "local_rank"]
+    flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in rows)  # `\|`: a bare `|` would end the cell
+    prompt = args.validation_prompt or args.instance_prompt
+    tags = "\n".join(f"- {tag}" for tag in ("text-to-image", "diffusers", "diffusers-training", *family.tags,
+                                             "lora", "lie-diffusion", "dreambooth"))
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+instance_prompt: {json.dumps(args.instance_prompt)}
+library_name: diffusers
+tags:
+{tags}
+inference: true
+{"widget:" + chr(10) + chr(10).join(widget) if widget else ""}
+---
+
+# Lie DreamBooth ({family.title}) - {output_dir.name}
+
+Lie-group adapter (LieRA) weights for `{args.pretrained_model_name_or_path}`, trained with
+[DreamBooth](https://dreambooth.github.io/) on the prompt `{args.instance_prompt}`. The UNet's
+convolutions carry Lie adapters (`--lie_mode {args.lie_mode}`, W' = W ⊙ exp(Δ)); attention layers carry
+`{args.attn_adapter}` adapters. Trained components: {", ".join(components)}.{f" VAE used in training: `{vae}`." if vae else ""}
+
+{gallery}
+## How to use
+
+```python
+import torch
+from diffusers import {family.pipeline_class}
+from lie_diffusion import load_lie_weights, merge_lie_weights
+
+pipe = {family.pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+load_lie_weights(pipe, "{args.output_dir}")  # the folder holding {WEIGHT_NAME}
+image = pipe("{prompt}", num_inference_steps=25).images[0]
+
+# Optional: fold the adapter into the base weights (no overhead at inference, exact up to round-off).
+merge_lie_weights(pipe)
+pipe.save_pretrained("merged-model")  # a stock {family.title} folder
+```
+
+Stock `pipe.load_lora_weights` reads only the LoRA section of this file (attention layers, with
+`--attn_adapter lora`) and ignores the Lie section, so use `lie_diffusion.load_lie_weights` to get the
+full adapter.
+
+## Training flags
+
+| flag | value |
+|---|---|
+{flags}
+"""
+    (output_dir / "README.md").write_text(card)
