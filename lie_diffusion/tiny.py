@@ -79,8 +79,9 @@ def write_tiny_tokenizer(directory: str | Path) -> Path:
     return directory
 
 
-def tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, with_projection: bool = False):
+    """A random CLIP text encoder; `with_projection`: SDXL's second encoder (it also returns pooled embeddings)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -88,40 +89,59 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32):
         num_attention_heads=4, max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
         projection_dim=hidden_size,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=TINY_RESOLUTION,
+        sample_size=TINY_RESOLUTION, scaling_factor=scaling_factor,
     )
 
 
 def build_tiny_pipeline(directory: str | Path, kind: str = "sd1", seed: int = 0) -> Path:
-    """Write a complete tiny StableDiffusionPipeline folder (SD1/SD2 layout) and return its path."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    if kind == "sdxl":
-        raise ValueError("build_tiny_pipeline writes SD1/SD2 pipelines; use tiny_unet('sdxl') for an SDXL UNet.")
-    directory = Path(directory)
-    tokenizer_dir = write_tiny_tokenizer(directory / "tokenizer")
+    """Write a complete tiny pipeline folder and return its path: a StableDiffusionPipeline ("sd1", "sd2")
+    or a StableDiffusionXLPipeline ("sdxl": two text encoders, the second with projection, two tokenizers)."""
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(seed),
-        text_encoder=tiny_text_encoder(seed),
-        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
-        unet=tiny_unet(kind, seed),
-        scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                beta_end=0.012, clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    directory = Path(directory)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(directory / "tokenizer")))
+    if kind == "sdxl":
+        pipeline = _tiny_sdxl_pipeline(tokenizer, seed)
+    else:
+        from diffusers import DDPMScheduler
+
+        pipeline = StableDiffusionPipeline(
+            vae=tiny_vae(seed),
+            text_encoder=tiny_text_encoder(seed),
+            tokenizer=tokenizer,
+            unet=tiny_unet(kind, seed),
+            scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                    beta_end=0.012, clip_sample=False, steps_offset=1),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipeline.save_pretrained(str(directory))
     return directory
+
+
+def _tiny_sdxl_pipeline(tokenizer, seed: int):
+    """SDXL's layout: UNet with text_time added conditioning (pooled text 32 + 6 time ids), encoders 32 + 32 wide."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed, scaling_factor=0.13025),
+        text_encoder=tiny_text_encoder(seed),
+        text_encoder_2=tiny_text_encoder(seed + 1, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=tiny_unet("sdxl", seed),
+        scheduler=EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                         beta_end=0.012, steps_offset=1, timestep_spacing="leading"),
+    )

@@ -1,10 +1,9 @@
-"""Pipeline-level API for lie-diffusion adapters.
+"""diffusers community pipeline folders (`custom_pipeline=".../pipelines/<folder>"`).
 
-`LieLoaderMixin` adds `load_lie_weights` & co. to any diffusers pipeline class with a LoRA loader;
-`lie_stable_diffusion/` is the same as a community pipeline folder for `custom_pipeline=`.
+The classes live in the installed package, `lie_diffusion.pipelines`; they are re-exported here so
+that `from pipelines import LieLoaderMixin` keeps working in a checkout.
 """
 
-from .lie_stable_diffusion.lie_loader import LieLoaderMixin
-from .lie_stable_diffusion.pipeline import LieStableDiffusionPipeline
+from lie_diffusion.pipelines import LieLoaderMixin, LieStableDiffusionPipeline, LieStableDiffusionXLPipeline
 
-__all__ = ["LieLoaderMixin", "LieStableDiffusionPipeline"]
+__all__ = ["LieLoaderMixin", "LieStableDiffusionPipeline", "LieStableDiffusionXLPipeline"]

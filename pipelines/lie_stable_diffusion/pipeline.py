@@ -4,12 +4,10 @@ pipe = DiffusionPipeline.from_pretrained(
     base, custom_pipeline="<lie-diffusion>/pipelines/lie_stable_diffusion", trust_remote_code=True
 )
 pipe.load_lie_weights("path/to/adapter")   # then fuse_lie, set_lie_scale, unload_lie_weights, ...
+
+The class lives in the installed package (`pip install lie-diffusion`); this folder only names it.
 """
 
-from diffusers import StableDiffusionPipeline
+from lie_diffusion.pipelines import LieStableDiffusionPipeline
 
-from .lie_loader import LieLoaderMixin
-
-
-class LieStableDiffusionPipeline(LieLoaderMixin, StableDiffusionPipeline):
-    """Stable Diffusion 1.x / 2.x plus `load_lie_weights`, `fuse_lie`, `unfuse_lie`, `set_lie_scale`, ..."""
+__all__ = ["LieStableDiffusionPipeline"]

@@ -3,21 +3,23 @@
 Mix `LieLoaderMixin` into a pipeline class that has diffusers' LoRA loader (every Stable Diffusion
 and SDXL pipeline does), before it in the bases:
 
-    class MyPipeline(LieLoaderMixin, StableDiffusionPipeline): ...
+    class MyPipeline(LieLoaderMixin, StableDiffusionXLPipeline): ...
 
-Lie adapters are peft LoRA layers underneath, so diffusers' own `fuse_lora`, `set_adapters`,
-`disable_lora` and `unload_lora_weights` act on them as well; the methods here add loading from
-lie-diffusion files and a scale setter that leaves the set of active adapters alone.
+or use the ready-made `LieStableDiffusionPipeline` / `LieStableDiffusionXLPipeline`. Lie adapters are
+peft LoRA layers underneath, so diffusers' own `fuse_lora`, `set_adapters`, `disable_lora` and
+`unload_lora_weights` act on them as well; the methods here add loading from lie-diffusion files and
+a scale setter that leaves the set of active adapters alone.
 
-This module sits next to the community pipeline because diffusers copies a custom pipeline's
-relative imports from its own folder only.
+This module is part of the installed package; the community pipeline folders in the repository's
+`pipelines/` import their classes from here.
 """
 
 from __future__ import annotations
 
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.tuners.lora import LoraLayer
 
-import lie_diffusion
+from .io import load_lie_weights
 
 
 class LieLoaderMixin:
@@ -34,9 +36,7 @@ class LieLoaderMixin:
             while adapter_name in taken:
                 index += 1
                 adapter_name = f"default_{index}"
-        lie_diffusion.load_lie_weights(
-            self, path_or_dir, adapter_name=adapter_name, scale=scale, weight_name=weight_name
-        )
+        load_lie_weights(self, path_or_dir, adapter_name=adapter_name, scale=scale, weight_name=weight_name)
 
     def fuse_lie(self, components=None, lie_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None):
         """Fold the active (or named) adapters into the weights: W ⊙ exp(sΔ) for Lie, W + sBA for LoRA."""
@@ -77,3 +77,11 @@ class LieLoaderMixin:
     def unload_lie_weights(self):
         """Remove every adapter; fused ones stay folded into the weights (as with `unload_lora_weights`)."""
         self.unload_lora_weights()
+
+
+class LieStableDiffusionPipeline(LieLoaderMixin, StableDiffusionPipeline):
+    """Stable Diffusion 1.x / 2.x plus `load_lie_weights`, `fuse_lie`, `unfuse_lie`, `set_lie_scale`, ..."""
+
+
+class LieStableDiffusionXLPipeline(LieLoaderMixin, StableDiffusionXLPipeline):
+    """Stable Diffusion XL plus `load_lie_weights`, `fuse_lie`, ...; adapters on the UNet and both text encoders."""
