@@ -221,9 +221,19 @@ def _add_export_parser(commands) -> None:
     export.set_defaults(func=export_command)
 
 
+def _quiet_loading() -> None:
+    """No per-file progress bars from diffusers / transformers: these commands print their own report."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def export_command(args: argparse.Namespace) -> None:
     from .export import export_file, format_report
 
+    _quiet_loading()
     output, rows, total = export_file(
         args.adapter, args.base, args.output, format=args.format, conv=args.conv, rank=args.rank,
         max_rel_error=args.max_rel_error, dtype=args.dtype, overwrite=args.overwrite,
@@ -262,6 +272,7 @@ def _add_extract_parser(commands) -> None:
 def extract_command(args: argparse.Namespace) -> None:
     from .extract import extract_file, format_report
 
+    _quiet_loading()
     path, fits, total, other = extract_file(
         args.base, args.tuned, args.output, rank=args.rank, attn_rank=args.attn_rank, mode=args.mode,
         steps=args.steps, overwrite=args.overwrite,
