@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .functional import MODES
-from .layers import LieConv2d, LieLayerMixin, LieLinear, LieLoraConfig, unwrap_layer
+from .layers import LieLayerMixin, LieLoraConfig, unwrap_layer
 
 # Targets are regexes matched against the end of a module's dotted name ("resnets.*.conv1" matches
 # "down_blocks.0.resnets.1.conv1"). Conv targets select among nn.Conv2d modules, attention targets
@@ -118,11 +118,8 @@ def build_peft_config(config: LieConfig, convs: list[str], attns: list[str], ove
         alpha_pattern=alpha_pattern,
         init_lora_weights=True,
         lie_mode=config.mode,
+        lie_linear=config.attn_adapter == "lie",
     )
-    mapping = {nn.Conv2d: LieConv2d}
-    if config.attn_adapter == "lie":
-        mapping[nn.Linear] = LieLinear
-    peft_config._register_custom_module(mapping)
     return peft_config
 
 
@@ -143,7 +140,7 @@ def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_na
     wants_lie = set(convs) | (set(attns) if config.attn_adapter == "lie" else set())
     for name in convs + attns:
         module = modules[name]
-        if isinstance(module, LoraLayer) and isinstance(module, LieLayerMixin) != (name in wants_lie):
+        if isinstance(module, LoraLayer) and module.lora_A and isinstance(module, LieLayerMixin) != (name in wants_lie):
             have, want = ("Lie", "plain LoRA") if isinstance(module, LieLayerMixin) else ("plain LoRA", "Lie")
             raise ValueError(
                 f"{name} already carries {have} adapters {list(module.lora_A)}; a {want} adapter cannot share the "
@@ -162,6 +159,8 @@ def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "d
     convs, attns = find_targets(model, config)
     _check_targets(model, config, convs, attns, adapter_name, overrides)
     peft_config = build_peft_config(config, convs, attns, overrides)
+    # Layers whose adapters were all deleted (e.g. diffusers' delete_adapters) are plain modules again.
+    _replace_empty_tuner_layers(model, names=set(convs + attns))
     peft_loaded = getattr(model, "_hf_peft_config_loaded", None)
     try:
         if hasattr(model, "add_adapter"):
@@ -198,9 +197,11 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
                 model._hf_peft_config_loaded = False
 
 
-def _replace_empty_tuner_layers(model: nn.Module, merge: bool = False) -> None:
+def _replace_empty_tuner_layers(model: nn.Module, merge: bool = False, names=None) -> None:
     for name, module in list(model.named_modules()):
         if not isinstance(module, BaseTunerLayer) or (module.lora_A and not merge):
+            continue
+        if names is not None and name not in names:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

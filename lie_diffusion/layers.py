@@ -12,11 +12,14 @@ analogue of LoRA's input dropout that keeps the forward to one op.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora import LoraModel
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -24,15 +27,48 @@ from torch import nn
 from .functional import MODES, LieFactor, lie_conv2d, lie_linear, lie_multiplier
 
 
+# The peft_type a LieLoraConfig writes to adapter_config.json. Stock peft looks it up among its own types and
+# fails with this text (a KeyError) instead of silently rebuilding a plain LoraConfig without the Lie fields.
+LIE_PEFT_TYPE = "LIE_LORA (lie-diffusion: load with config=lie_diffusion.LieLoraConfig.from_pretrained(path))"
+
+
 @dataclass
 class LieLoraConfig(LoraConfig):
-    """A peft `LoraConfig` whose Conv2d (and, on request, Linear) targets get Lie adapters.
+    """A peft `LoraConfig` whose Conv2d (and, with `lie_linear`, Linear) targets get Lie adapters.
 
-    `lie_mode` selects the group update ("exp") or its first-order form ("taylor"). Use
-    `lie_diffusion.LieConfig` + `add_lie_adapters` rather than building this by hand.
+    `lie_mode` selects the group update ("exp") or its first-order form ("taylor"). The config
+    registers its own layer classes, so `get_peft_model` / `add_adapter` / copies / configs read
+    back from JSON always build Lie layers. Use `lie_diffusion.LieConfig` + `add_lie_adapters`
+    rather than building this by hand.
     """
 
-    lie_mode: str = field(default="exp", metadata={"help": "Lie update: 'exp' (W ⊙ exp Δ) or 'taylor' (W + W ⊙ Δ)."})
+    # First of the Lie fields on purpose: stock `LoraConfig(**config.to_dict())` (diffusers' loaders) fails
+    # with "unexpected keyword argument 'lie_diffusion'" rather than building plain LoRA layers.
+    lie_diffusion: int = field(default=1, metadata={"help": "Marks a lie-diffusion config (version of its fields)."})
+    # Tagged as a LoRA variant: peft's own LoRA layers refuse a config that requests a variant they lack, so an
+    # existing plain LoRA layer fails loudly instead of taking a Lie adapter as additive LoRA.
+    lie_mode: str = field(
+        default="exp",
+        metadata={"help": "Lie update: 'exp' (W ⊙ exp Δ) or 'taylor' (W + W ⊙ Δ).", "is_lora_variant": True},
+    )
+    lie_linear: bool = field(
+        default=False, metadata={"help": "Linear targets get Lie adapters too (else LoRA that remembers merge scales)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lie_mode not in MODES:
+            raise ValueError(f"LieLoraConfig.lie_mode must be one of {MODES}, got {self.lie_mode!r}.")
+        self._register_custom_module({nn.Conv2d: LieConv2d, nn.Linear: LieLinear if self.lie_linear else LoraLinear})
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "peft_type": LIE_PEFT_TYPE}
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        if kwargs.get("peft_type") == LIE_PEFT_TYPE:
+            kwargs.pop("peft_type")
+        return super().from_peft_type(**kwargs)
 
 
 def unwrap_layer(module: nn.Module) -> nn.Module:
@@ -40,37 +76,154 @@ def unwrap_layer(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-class LieLayerMixin:
-    """Forward / merge / unmerge of Lie adapters; shared by the conv and linear layers."""
+def layer_class_for(config: LoraConfig, base_layer: nn.Module) -> type:
+    """The tuner layer class peft builds for `base_layer` under `config`: a registered one, else its own."""
+    for base_type, cls in (getattr(config, "_custom_modules", None) or {}).items():
+        if isinstance(base_layer, base_type):
+            return cls
+    return lora_layer.Conv2d if isinstance(base_layer, nn.Conv2d) else lora_layer.Linear
 
-    other_param_names = lora_layer.LoraLayer.other_param_names + ("lie_mode",)
 
-    @property
-    def lora_variants(self):
-        # No LoRA variant (DoRA, aLoRA, ...) has a Lie meaning: peft refuses any that a config requests.
-        return {(): None}
+def _weighted_adapter_call():
+    """(LoraModel, adapters, combination_type) while peft's `add_weighted_adapter` builds an adapter, else None.
 
-    def _check_supported(self, config: LoraConfig, name: str) -> None:
-        mode = getattr(config, "lie_mode", None)
-        if mode not in MODES:
-            raise ValueError(
-                f"{name}: this layer carries Lie adapters and cannot take adapter config "
-                f"{type(config).__name__} with lie_mode={mode!r}; Lie modes are {MODES}. "
-                "Plain LoRA and Lie adapters cannot share one layer."
-            )
-        unsupported = [key for key in ("use_dora", "lora_bias") if getattr(config, key)]
+    That method fills the new factors itself after creating the layers; the layers' `update_layer` is the only
+    point where lie-diffusion runs in between, so it looks up the call's arguments there.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is LoraModel.add_weighted_adapter.__code__:
+            return frame.f_locals["self"], frame.f_locals["adapters"], frame.f_locals["combination_type"]
+        frame = frame.f_back
+    return None
+
+
+class AdapterLayerMixin:
+    """What lie-diffusion's tuner layers share: one kind of adapter per layer, exact unmerge.
+
+    A layer holds either Lie or additive LoRA adapters. Once its last adapter is deleted (diffusers'
+    `delete_adapters`), it takes the kind of the next adapter it gets. The scale an adapter was merged
+    with is remembered, so unmerge is exact even when `set_adapters` changed the scale in between.
+    """
+
+    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
+        name = kwargs.get("target_name") or type(self.get_base_layer()).__name__
+        wanted, lie = layer_class_for(config, self.get_base_layer()), is_lie_class(type(self))
+        # A Lie layer takes any LieLoraConfig adapter (the config's mapping decides only which layers it creates).
+        if (lie and not isinstance(config, LieLoraConfig)) or (not lie and is_lie_class(wanted)):
+            if self.lora_A:
+                have, want = ("Lie", "plain LoRA") if lie else ("plain LoRA", "Lie")
+                raise ValueError(
+                    f"{name}: this layer carries {have} adapters {list(self.lora_A)} and cannot take a {want} adapter "
+                    f"from {type(config).__name__}. Plain LoRA and Lie adapters cannot share one layer; delete the "
+                    "other adapters first."
+                )
+            if getattr(self, "_kind_fixed", False):  # emptied since: same state, the other kind
+                self.__class__ = wanted if is_lie_class(wanted) else additive_class(self.get_base_layer())
+                self.__dict__.pop("lie_mode", None)
+                return self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        checked = self._check_config(adapter_name, config, name)
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self._kind_fixed = True
+        self._register_adapter(adapter_name, checked)
+
+    def _check_config(self, adapter_name: str, config: LoraConfig, name: str):
+        """Raise for what these layers do not support; return what `_register_adapter` needs."""
+        unsupported = [f.name for f in dataclasses.fields(config) if f.metadata.get("is_lora_variant")
+                       and f.name != "lie_mode" and getattr(config, f.name)]
+        unsupported += [key for key in ("lora_bias",) if getattr(config, key)]
         # Other inits (PiSSA, OLoRA, ...) rewrite W additively as W - sBA, which is wrong for W ⊙ M.
         if config.init_lora_weights not in (True, False, "gaussian"):
             unsupported.append(f"init_lora_weights={config.init_lora_weights!r}")
         if unsupported:
-            raise ValueError(f"{name}: Lie adapters do not support {unsupported}.")
+            kind = "Lie adapters" if is_lie_class(type(self)) else "lie-diffusion's LoRA layers"
+            raise ValueError(f"{name}: {kind} do not support {unsupported}.")
 
-    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
-        self._check_supported(config, kwargs.get("target_name") or type(self.get_base_layer()).__name__)
-        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+    def _register_adapter(self, adapter_name: str, checked) -> None:
+        pass
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
+        return None  # variants are refused in update_layer; `lie_mode` is the base case here, not a variant
+
+    def _remember_merge_scale(self, adapter: str) -> None:
+        self._caches[f"merged_scaling-{adapter}"] = self.scaling[adapter]
+
+    def _merge_scale(self, adapter: str) -> float:
+        return self._caches.pop(f"merged_scaling-{adapter}", self.scaling.get(adapter))
+
+
+class LieLayerMixin(AdapterLayerMixin):
+    """Forward / merge / unmerge of Lie adapters; shared by the conv and linear layers.
+
+    In state dicts (`model.state_dict()`, peft's `get_peft_model_state_dict`) lora_B carries one extra
+    trailing dimension of size 1: a tool that takes the factors for plain LoRA (diffusers'
+    `load_lora_weights`, peft without the LieLoraConfig) then fails on a shape mismatch instead of
+    silently building an additive adapter. Loading reads both shapes.
+    """
+
+    other_param_names = lora_layer.LoraLayer.other_param_names + ("lie_mode",)
+
+    def _check_config(self, adapter_name: str, config: LoraConfig, name: str) -> str:
+        """The new adapter's mode: the config's, or that of the adapters add_weighted_adapter combines."""
+        super()._check_config(adapter_name, config, name)
+        mode = getattr(config, "lie_mode", None)
+        if mode not in MODES:
+            raise ValueError(
+                f"{name}: this layer carries Lie adapters and cannot take adapter config {type(config).__name__} "
+                f"with lie_mode={mode!r}; Lie modes are {MODES}. Plain LoRA and Lie adapters cannot share one layer."
+            )
+        weighted = _weighted_adapter_call()
+        return mode if weighted is None else self._combined_mode(name, adapter_name, *weighted)
+
+    def _register_adapter(self, adapter_name: str, mode: str) -> None:
         if not hasattr(self, "lie_mode"):
             self.lie_mode: dict[str, str] = {}
-        self.lie_mode[adapter_name] = config.lie_mode
+        self.lie_mode[adapter_name] = mode
+
+    def _combined_mode(self, name: str, new: str, lora_model, adapters, combination_type) -> str:
+        """The mode of an adapter that `add_weighted_adapter` combines here, if the result is exact; else raise.
+
+        `cat` concatenates factors, so Δ_new = Σ wᵢsᵢΔᵢ: exact for exp adapters (W ⊙ exp Σ wᵢsᵢΔᵢ is their
+        product) and for a single taylor adapter; the other combination types mix additive deltas.
+        """
+        here = [a for a in adapters if a in self.lora_A]
+        modes = sorted({self.lie_mode[a] for a in here})
+        problem = None
+        if combination_type != "cat":
+            problem = f"combination_type={combination_type!r} combines additive LoRA deltas"
+        elif len(modes) > 1:
+            problem = f"it would give one mode to adapters {here} of modes {modes}"
+        elif modes == ["taylor"] and len(here) > 1:
+            problem = "taylor adapters would give 1 + Δ1 + Δ2, not (1 + Δ1)(1 + Δ2)"
+        if problem is None:
+            return modes[0] if modes else "exp"
+        for module in lora_model.model.modules():  # leave the model as it was: drop what peft built so far
+            if isinstance(module, BaseTunerLayer) and new in getattr(module, "lora_A", {}):
+                module.delete_adapter(new)
+        lora_model.peft_config.pop(new, None)
+        raise ValueError(
+            f"{name}: add_weighted_adapter cannot combine Lie adapters {here} exactly: {problem}. Exact cases: "
+            "combination_type='cat' of exp adapters, or of adapters on different layers. Otherwise use "
+            "set_adapters(names, weights), which composes Lie adapters exactly."
+        )
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if not kwargs.get("keep_vars", False) and not args:
+            prefix = kwargs.get("prefix", "")
+            for adapter in self.lora_B:
+                key = f"{prefix}lora_B.{adapter}.weight"
+                if key in state:
+                    state[key] = state[key].unsqueeze(-1)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for adapter in self.lora_B:
+            key = f"{prefix}lora_B.{adapter}.weight"
+            value = state_dict.get(key)
+            if value is not None and value.ndim == self.lora_B[adapter].weight.ndim + 1 and value.shape[-1] == 1:
+                state_dict[key] = value.squeeze(-1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _factor(self, adapter: str, scaling: float | None = None, train_dropout: bool = False) -> LieFactor:
         A = self.lora_A[adapter].weight
@@ -107,7 +260,7 @@ class LieLayerMixin:
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaN/inf detected while merging Lie adapter {adapter!r}; the adapter seems broken.")
             weight.copy_(merged)
-            self._caches[f"lie_merged_scaling-{adapter}"] = scaling
+            self._remember_merge_scale(adapter)
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
@@ -120,7 +273,7 @@ class LieLayerMixin:
         weight = self.get_base_layer().weight
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            scaling = self._caches.pop(f"lie_merged_scaling-{adapter}", None)
+            scaling = self._merge_scale(adapter)
             if adapter in self.lora_A:
                 weight.copy_(weight / self._multiplier(adapter, scaling))
 
@@ -157,3 +310,64 @@ class LieLinear(LieLayerMixin, lora_layer.Linear):
     def _lie_forward(self, x, factors):
         linear = self.get_base_layer()
         return lie_linear(x, linear.weight, linear.bias, factors)
+
+
+class AdditiveLoraMixin(AdapterLayerMixin):
+    """peft's additive LoRA, for the layers lie-diffusion adapts with LoRA (attention projections, and
+    emptied Lie layers that take a plain LoRA adapter).
+
+    Two fixes over peft 0.21 under several adapters: unmerge subtracts what merge added even when
+    `set_adapters` changed the scale in between, and active adapters that are not merged still act
+    when another one is merged (peft then runs the base layer alone).
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or not self.merged or kwargs.get("adapter_names") is not None:
+            return super().forward(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter in self.lora_A and adapter not in self.merged_adapters:
+                A, B = self.lora_A[adapter], self.lora_B[adapter]
+                delta = B(A(self.lora_dropout[adapter](self._cast_input_dtype(x, A.weight.dtype))))
+                result = result + (delta * self.scaling[adapter]).to(result.dtype)
+        return result
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.lora_A:
+                self._remember_merge_scale(adapter)
+            super().merge(safe_merge=safe_merge, adapter_names=[adapter])
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            scaling = self._merge_scale(adapter)
+            if adapter in self.lora_A:
+                current, self.scaling[adapter] = self.scaling[adapter], scaling
+                try:
+                    weight.data -= self.get_delta_weight(adapter)
+                finally:
+                    self.scaling[adapter] = current
+
+
+class LoraLinear(AdditiveLoraMixin, lora_layer.Linear):
+    """Additive LoRA on a Linear (see `AdditiveLoraMixin`)."""
+
+
+class LoraConv2d(AdditiveLoraMixin, lora_layer.Conv2d):
+    """Additive LoRA on a Conv2d (see `AdditiveLoraMixin`)."""
+
+
+def additive_class(base_layer: nn.Module) -> type:
+    return LoraConv2d if isinstance(base_layer, nn.Conv2d) else LoraLinear
+
+
+def is_lie_class(cls: type) -> bool:
+    return issubclass(cls, LieLayerMixin)

@@ -573,3 +573,68 @@ def test_pipeline_level_methods(tiny_pipeline_dir):
     pipe.delete_adapters("x")
     assert pipe.get_list_adapters() == {}
     assert_outputs_close(pipeline_outputs(pipe), base)
+
+
+# --- issue 8: diffusers' controls on the layers lie-diffusion creates ---------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Adapter lie was active")
+def test_delete_adapters_frees_layers_for_either_kind_of_adapter():
+    """After diffusers' delete_adapters, the emptied Lie layers take plain LoRA or new Lie adapters."""
+    unet = tiny_unet("sd1")
+    add_lie_adapters(unet, LieConfig(rank=4), "lie")
+    unet.delete_adapters("lie")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["conv1"]), "plain")
+    conv1 = unet.down_blocks[0].resnets[0].conv1
+    assert list(conv1.lora_A) == ["plain"] and not isinstance(conv1, LieLayerMixin)
+    randomize(unet, "plain")
+    with torch.no_grad():  # W + sBA: the new adapter is plain additive LoRA
+        expected_weight = conv1.get_base_layer().weight.double() + ref_delta(conv1, "plain")
+    unet.fuse_lora()
+    torch.testing.assert_close(conv1.get_base_layer().weight.double(), expected_weight, rtol=1e-5, atol=1e-6)
+    unet.unfuse_lora()
+    unet.delete_adapters("plain")
+    add_lie_adapters(unet, LieConfig(rank=2, attn_adapter="lie"), "again")
+    lie, lora = adapted_names(unet)
+    assert "down_blocks.0.resnets.0.conv1" in lie and not lora
+    assert all(list(unet.get_submodule(n).lora_A) == ["again"] for n in lie)
+
+
+def test_bare_lie_lora_config_through_diffusers_add_adapter():
+    """unet.add_adapter(LieLoraConfig(...)) without any registration step builds Lie layers."""
+    from lie_diffusion.layers import LieLoraConfig
+
+    unet = tiny_unet("sd1")
+    unet.add_adapter(LieLoraConfig(r=2, target_modules=["conv1", "to_q"], lie_mode="taylor"))
+    lie, lora = adapted_names(unet)
+    assert lie and all(n.endswith("conv1") for n in lie) and lora and all(n.endswith("to_q") for n in lora)
+    assert all(unet.get_submodule(n).lie_mode == {"default": "taylor"} for n in lie)
+
+
+def two_attention_adapters():
+    unet = tiny_unet("sd1")
+    add_lie_adapters(unet, LieConfig(rank=2, conv_targets=()), "a")
+    add_lie_adapters(unet, LieConfig(rank=3, conv_targets=()), "b")
+    return randomize(unet)
+
+
+def test_attention_lora_unfuse_after_set_adapters_is_exact():
+    """fuse_lora, then set_adapters with another weight, then unfuse_lora: the base weights come back."""
+    unet = two_attention_adapters()
+    W0 = base_weights(unet)
+    unet.set_adapters(["a", "b"], [0.7, -0.5])
+    unet.fuse_lora()
+    unet.set_adapters(["a", "b"], [0.2, 1.5])
+    unet.unfuse_lora()
+    for name, W in base_weights(unet).items():
+        torch.testing.assert_close(W, W0[name], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name} not restored: {m}")
+
+
+def test_attention_lora_other_active_adapters_act_while_one_is_fused():
+    unet = two_attention_adapters()
+    unet.set_adapters(["a", "b"], [0.7, -0.5])
+    both = run(unet)
+    unet.fuse_lora(adapter_names=["a"])
+    torch.testing.assert_close(run(unet), both, rtol=1e-5, atol=1e-5)
+    unet.unfuse_lora()
+    torch.testing.assert_close(run(unet), both, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
@@ -245,6 +245,51 @@ def test_stock_diffusers_loads_exactly_the_lora_section(adapter):
                 module.lora_B["default"].weight.zero_()
     assert max_diff(outputs(stock), outputs(attention_only)) <= TOL
     assert max_diff(outputs(stock), adapter.outputs) > 1e-3  # the Lie section was not misread as LoRA
+
+
+def _stock_saved(directory, pipe, metadata: bool):
+    """What diffusers' training scripts do: peft's state dict → save_lora_weights (with or without metadata)."""
+    StableDiffusionPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict() if metadata else None,
+    )
+
+
+@pytest.mark.parametrize("metadata", [False, True], ids=["no-metadata", "metadata"])
+def test_stock_diffusers_save_then_load_of_lie_adapters_fails_loudly(adapter, base_outputs, tmp_path, metadata):
+    """diffusers' own save/load of a Lie-adapted UNet never gives an additive model: it raises, and the
+    pipeline stays the base model."""
+    _stock_saved(tmp_path, adapter.pipe, metadata)
+    stock = tiny_pipeline()
+    match = "lie_diffusion" if metadata else "size mismatch"
+    with pytest.raises((RuntimeError, TypeError)) as raised:
+        stock.load_lora_weights(tmp_path)
+    assert match in str(raised.value) + str(raised.value.__cause__)
+    assert not any(isinstance(m, LoraLayer) and m.lora_A for m in stock.unet.modules())
+    assert max_diff(outputs(stock), base_outputs) == 0
+
+
+def test_stock_diffusers_model_level_save_lora_adapter_fails_loudly(adapter, tmp_path):
+    adapter.pipe.unet.save_lora_adapter(tmp_path)
+    with pytest.raises(TypeError) as raised:
+        tiny_unet("sd1").load_lora_adapter(tmp_path, prefix=None, use_safetensors=True)
+    assert "lie_diffusion" in str(raised.value.__cause__)
+
+
+def test_load_lie_weights_names_the_route_for_a_stock_saved_lie_file(adapter, tmp_path):
+    _stock_saved(tmp_path, adapter.pipe, metadata=False)
+    with pytest.raises(ValueError, match="save_lie_weights"):
+        load_lie_weights(tiny_pipeline(), tmp_path)
+    recovered = tiny_pipeline()  # the recovery the message describes
+    add_lie_adapters(recovered.unet, LieConfig(rank=4, alpha=8, attn_rank=2),
+                     overrides={"mid_block.resnets.0.conv1": (8, 2.0)})
+    state = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    set_peft_model_state_dict(recovered.unet, {k.removeprefix("unet."): v for k, v in state.items()})
+    with torch.no_grad():
+        hidden = recovered.text_encoder(TOKENS)[0]  # the UNets' own text encoders differ (adapter's has LoRA)
+        want, got = (unet(SAMPLE, 10, hidden).sample for unet in (adapter.pipe.unet, recovered.unet))
+    assert torch.equal(got, want)
 
 
 def test_stock_diffusers_ignores_a_lie_only_file(tmp_path):
