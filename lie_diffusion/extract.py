@@ -3,7 +3,9 @@
 Conv targets get Lie adapters. Their algebra element is the log-ratio L = log(W_tuned / W_base)
 (exp mode) or W_tuned / W_base − 1 (taylor mode), which a low-rank Δ = BA approximates. Entries
 without a logarithm (the sign flipped, W_base = 0, or W_tuned = 0 in exp mode) are masked out of
-the fit, counted and reported: no multiplicative update reaches them.
+L, counted and reported: no multiplicative update reaches them exactly. The weight-space fit below
+still sees them, where its error is smooth and bounded below (exp(Δ) → 0 is the best it can do
+for a sign flip), so the error it reports and minimises is the real one.
 
 What matters is the weight-space error ‖W_base ⊙ exp(Δ) − W_tuned‖, not the log-space one. The
 truncated SVD of L minimises the log-space error, where every entry counts alike; in weight space
@@ -94,7 +96,8 @@ def _multiplier(delta: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def fit_lie(base: torch.Tensor, tuned: torch.Tensor, rank: int, mode: str = "exp", steps: int = DEFAULT_STEPS):
-    """(A, B, masked counts, SVD-start error, final error) with W_base ⊙ m(BA) ≈ W_tuned; errors are Frobenius."""
+    """(A, B, masked counts, SVD-start error, final error) with W_base ⊙ m(BA) ≈ W_tuned; the errors are
+    ‖W_base ⊙ m(BA) − W_tuned‖_F over every entry."""
     shape = base.shape
     wb, wt = base.double().reshape(shape[0], -1), tuned.double().reshape(shape[0], -1)
     if mode == "exp":
@@ -112,12 +115,12 @@ def fit_lie(base: torch.Tensor, tuned: torch.Tensor, rank: int, mode: str = "exp
     A, B, _ = _truncated(target, rank, (shape[0], wb.shape[1]))
     A, B = A.contiguous().requires_grad_(), B.contiguous().requires_grad_()
 
-    def error(A, B):
-        return (wb * _multiplier(B @ A, mode) - wt)[valid].square().sum()
+    def error(A, B):  # every entry: at a masked one the error is smooth in Δ and bounded below
+        return (wb * _multiplier(B @ A, mode) - wt).square().sum()
 
     scale = (wt - wb).square().sum().clamp_min(1e-300)
     with torch.no_grad():
-        start, start_total = error(A, B), (wb * _multiplier(B @ A, mode) - wt).norm().item()
+        start = error(A, B)
     best = (start, A.detach().clone(), B.detach().clone())
     if steps > 0:
         optimizer = torch.optim.LBFGS([A, B], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
@@ -134,12 +137,9 @@ def fit_lie(base: torch.Tensor, tuned: torch.Tensor, rank: int, mode: str = "exp
             final = error(A, B)
         if torch.isfinite(final) and final < best[0]:
             best = (final, A.detach().clone(), B.detach().clone())
-    A, B = best[1], best[2]
-    with torch.no_grad():
-        total = (wb * _multiplier(B @ A, mode) - wt).norm().item()  # masked entries included: the real error
-    A = A.reshape(rank, *shape[1:])
-    B = B.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
-    return A, B, masked, start_total, total
+    A = best[1].reshape(rank, *shape[1:])
+    B = best[2].reshape(shape[0], rank, *([1] * (len(shape) - 2)))
+    return A, B, masked, start.sqrt().item(), best[0].sqrt().item()
 
 
 def locon_error(base: torch.Tensor, tuned: torch.Tensor, rank: int) -> float:
