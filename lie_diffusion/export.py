@@ -325,15 +325,21 @@ def summary(rows: list[ExportRow]) -> dict:
     }
 
 
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_report(rows: list[ExportRow], total: dict) -> str:
     table = [("module", "source", "written", "rank", "rel. error", "bytes")]
     for r in rows:
         rank = "-" if r.rank is None else f"{r.rank}/{r.max_rank}"
         table.append((r.name, r.source, r.written, rank, f"{r.rel_error:.2e}", f"{r.bytes:,}"))
     table.append(("total", "", f"{total['modules']} modules", "", f"{total['rel_error']:.2e}", f"{total['bytes']:,}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(table)
     lines.append(
         f"{total['lora_modules']} LoRA copied, {total['locon_modules']} Lie as LoCon, {total['diff_modules']} Lie "
         f"as .diff; largest per-module error {total['max_rel_error']:.2e} (relative to that module's ΔW)."

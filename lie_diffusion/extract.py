@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .export import load_models, low_rank_factors, truncation_errors
+from .export import load_models, low_rank_factors, text_table, truncation_errors
 from .functional import MODES
 from .inject import CONV_TARGETS, LieConfig, find_targets
 from .io import COMPONENTS, LIE_PREFIX, METADATA_KEY, LORA_METADATA_KEY, WEIGHT_NAME, ModuleEntry
@@ -246,9 +246,7 @@ def format_report(fits: list[LayerFit], total: dict, other: dict) -> str:
         masked = ", ".join(f"{k} {v}" for k, v in f.masked.items() if v) or "-"
         table.append((f.module, f.kind, str(f.rank), f"{f.rel_error:.2e}",
                       f"{f.locon_rel_error:.2e}" if f.kind == "lie" else "-", masked))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(table)
     lines.append(f"Total relative weight-space error: {total['rel_error']:.3e} over {total['modules']} modules "
                  f"({total['lie_modules']} Lie, {total['lora_modules']} LoRA).")
     if total["lie_modules"]:

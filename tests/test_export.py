@@ -300,9 +300,8 @@ def test_full_rank_lowrank_export_loads_with_stock_diffusers(adapted):
     assert max_diff(outputs(plain), adapted.outputs) > 0.05  # the adapter does act
 
 
+@pytest.mark.parametrize("adapted", ["sd1"], indirect=True)  # one layout is enough
 def test_lowrank_error_report_matches_measured_error(adapted):
-    if adapted.kind == "sdxl":
-        pytest.skip("one layout is enough for the error bookkeeping")
     tensors, report = export(adapted, "rank2.safetensors", "--conv", "lowrank", "--rank", "2", "--dtype", "fp32")
     pipe = adapted.cls.from_pretrained(str(adapted.base))
     expected, applied = expected_weights(adapted, pipe), apply_like_comfyui(tensors, pipe)
@@ -331,9 +330,8 @@ def test_lowrank_error_report_matches_measured_error(adapted):
     )
 
 
+@pytest.mark.parametrize("adapted", ["sd1"], indirect=True)  # one layout is enough
 def test_auto_uses_locon_only_where_it_meets_the_target_in_fewer_bytes(adapted):
-    if adapted.kind == "sdxl":
-        pytest.skip("one layout is enough")
     target = 0.3
     tensors, report = export(adapted, "auto.safetensors", "--conv", "auto", "--max-rel-error", str(target),
                              "--dtype", "fp32")
@@ -363,9 +361,8 @@ def _fails(capsys, argv, *words):
     return err
 
 
+@pytest.mark.parametrize("adapted", ["sd1"], indirect=True)  # one layout is enough
 def test_bad_input_gives_one_line_and_no_file(adapted, tiny_sd2_pipeline_dir, capsys):
-    if adapted.kind == "sdxl":
-        pytest.skip("one layout is enough")
     out = adapted.root / "bad.safetensors"
     argv = ["export", str(adapted.path), "--base", str(adapted.base), "--output", str(out)]
     _fails(capsys, ["export", str(adapted.path), "--base", str(tiny_sd2_pipeline_dir), "--output", str(out)],

@@ -125,3 +125,23 @@ def test_bad_input_gives_one_line_and_no_output(tiny_pipeline_dir, tiny_sd2_pipe
     _fails(capsys, ["extract", "--base", str(tiny_pipeline_dir), "--tuned", str(tuned_dir), "--mode", "log", *common],
            "unknown --mode 'log'")
     assert not output.exists()
+
+
+def test_comparison_benchmark_runs_end_to_end(tmp_path):
+    """The extract-vs-LoCon benchmark's plumbing on toy settings (its numbers come from the full run)."""
+    pytest.importorskip("sklearn")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import extract_compare
+
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:extract:start -->\nSTALE\n<!-- bench:extract:end -->\n")
+    extract_compare.main(["--ranks", "1", "--steps", "1", "--pretrain-steps", "1", "--batch", "2", "--fit-steps", "2",
+                          "--eval-draws", "1", "--out", str(tmp_path), "--readme", str(readme)])
+    data = json.loads((tmp_path / "extract.json").read_text())
+    row = data["ranks"]["1"]
+    assert row["lie-exp"]["params"] == row["locon"]["params"] == row["lie-taylor"]["params"] > 0
+    assert row["lie-exp"]["rel_error"] <= row["lie-exp"]["svd_start_rel_error"]
+    assert "| 1 | locon |" in readme.read_text() and "STALE" not in readme.read_text()
