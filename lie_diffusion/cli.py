@@ -151,7 +151,8 @@ def describe(adapter) -> str:
         )
         fingerprint = (info.get("fingerprint") or {}).get("unet")
         if fingerprint:
-            lines.append("Base UNet: " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
+            family = "SDXL" if fingerprint.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"
+            lines.append(f"Base UNet ({family}): " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
 
     lines += ["", "Sections:"]
     for section, title, prefix in (("lora", "LoRA", ""), ("lie", "Lie", "lie.")):

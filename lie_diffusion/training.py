@@ -27,16 +27,23 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr, free_memory
+from diffusers.training_utils import cast_training_params, compute_snr, free_memory
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
-from .inject import LieConfig
+from .inject import LieConfig, add_lie_adapters
 from .io import WEIGHT_NAME, load_lie_weights, read_lie_file, save_lie_weights
 
 logger = get_logger(__name__)
@@ -71,8 +78,12 @@ class ModelFamily:
 # ---------------------------------------------------------------------------------------------- flags
 
 
-def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags both scripts take, with diffusers' DreamBooth LoRA meanings, plus the adapter flags."""
+def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, output_dir: str, text_encoders: str) -> None:
+    """The flags both scripts take, with diffusers' DreamBooth LoRA meanings, plus the adapter flags.
+
+    The defaults that differ by model are arguments: `resolution`, `output_dir`, and `text_encoders`
+    (what `--train_text_encoder` adapts, for its help).
+    """
     # Model
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                         help="Path to a pipeline folder or a model id on huggingface.co.")
@@ -83,6 +94,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                         help="A folder with the instance images.")
     parser.add_argument("--instance_prompt", type=str, required=True,
                         help="The prompt with the identifier of the instance, e.g. 'a photo of sks dog'.")
+    parser.add_argument("--resolution", type=int, default=resolution,
+                        help="Training images are resized (shorter side) and cropped to this size.")
     parser.add_argument("--center_crop", action="store_true",
                         help="Center-crop the images; by default they are randomly cropped.")
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip the images horizontally.")
@@ -123,6 +136,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Comma-separated regexes matched against the end of attention Linear module names.")
     parser.add_argument("--adapter_dropout", "--lora_dropout", type=float, default=0.0, help="Adapter dropout.")
     # Text encoder
+    parser.add_argument("--train_text_encoder", action="store_true", help=f"Also train adapters on {text_encoders}.")
     parser.add_argument("--text_encoder_lr", type=float, default=None,
                         help="Learning rate of the text encoder adapters (default: --learning_rate).")
     # Schedule
@@ -178,6 +192,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                         help="Use xformers attention (CUDA only); PyTorch SDPA is used otherwise.")
     # Logging
+    parser.add_argument("--output_dir", type=str, default=output_dir,
+                        help="Where the adapter weights, checkpoints, validation images and logs are written.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log folder, in output_dir.")
     parser.add_argument("--report_to", type=str, default="tensorboard",
                         help='"tensorboard" (default), "wandb", "comet_ml", "all" or "none".')
@@ -193,8 +209,10 @@ def _boolean(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def check_args(args) -> None:
-    """Catch what would otherwise fail after minutes of model loading, with a message that says what to do."""
+def check_args(args):
+    """Catch what would otherwise fail after minutes of model loading, with a message that says what to do.
+
+    Returns `args`."""
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     if args.train_text_encoder and args.attn_adapter == "none":
@@ -218,6 +236,7 @@ def check_args(args) -> None:
             raise TrainingError("--optimizer prodigy needs prodigyopt: pip install 'lie-diffusion[prodigy]'.") from None
     if args.resume_from_checkpoint not in (None, "latest"):
         find_checkpoint(args)  # fails now if the checkpoint does not exist
+    return args
 
 
 def adapter_config(args) -> LieConfig:
@@ -374,13 +393,15 @@ def generate_class_images(args, accelerator, load_pipeline):
 # ------------------------------------------------------------------------------------------ run setup
 
 
-def start_run(args, load_pipeline):
+def start_run(args, load_pipeline, find_unused_parameters=False):
     """Accelerator, logging and seed; then the data (instance images, generated class images), checked.
 
     `load_pipeline(torch_dtype, **components)` loads the base pipeline (for class images and validation).
+    `find_unused_parameters`: some trained adapters may get no gradient in a step (DDP must not wait for them).
     Returns (accelerator, instance_images, class_images).
     """
     accelerator = Accelerator(
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -430,27 +451,69 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def load_model(args, model_class, subfolder):
+    """A pipeline component from `--pretrained_model_name_or_path` at `--revision` / `--variant`."""
+    return model_class.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision, variant=args.variant
+    )
+
+
+def load_text_encoder(args, subfolder):
+    """The text encoder class its config names (CLIPTextModel, CLIPTextModelWithProjection, ...)."""
+    config = AutoConfig.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision)
+    return load_model(args, getattr(transformers, config.architectures[0]), subfolder)
+
+
+def add_adapters(args, accelerator, unet, text_encoders):
+    """Freeze the models, move them to the device in the weight dtype, and add the Lie adapters.
+
+    The text encoders get adapters with `--train_text_encoder`. Adapters stay fp32 whatever the
+    weight dtype. Returns the models that train, the UNet first.
+    """
+    weight_dtype = weight_dtype_of(accelerator)
+    for model in (unet, *text_encoders):
+        model.requires_grad_(False)
+        model.to(accelerator.device, dtype=weight_dtype)
+    trained = [unet, *text_encoders] if args.train_text_encoder else [unet]
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for text_encoder in trained[1:]:
+            text_encoder.gradient_checkpointing_enable()
+    config = adapter_config(args)
+    for model in trained:
+        add_lie_adapters(model, config)
+    cast_training_params(trained, dtype=torch.float32)
+    return trained
+
+
 def register_adapter_hooks(accelerator, adapted_models):
     """accelerator.save_state / load_state: our adapter file replaces accelerate's full-model dump.
 
-    `adapted_models()` gives the models carrying trained adapters, unwrapped, by component name.
+    `adapted_models`: the models carrying trained adapters (not DDP-wrapped), by component name.
     """
 
     def save_model_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_lie_weights(output_dir, **adapted_models())
+            save_lie_weights(output_dir, **adapted_models)
         weights.clear()
 
     def load_model_hook(models, input_dir):
         models.clear()
-        load_adapters_in_place(input_dir, adapted_models())
+        load_adapters_in_place(input_dir, adapted_models)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def build_optimizer(args, accelerator, unet_params, text_encoder_params):
-    """AdamW (or 8-bit AdamW, or Prodigy) over the UNet adapters and, if any, the text encoder adapters."""
+def build_optimizer(args, accelerator, trained_models):
+    """AdamW (or 8-bit AdamW, or Prodigy) over the adapters of the UNet (first) and of the text encoders.
+
+    Returns the optimizer and the list of the parameters it trains.
+    """
+    unet_params = [p for p in trained_models[0].parameters() if p.requires_grad]
+    text_encoder_params = [p for model in trained_models[1:] for p in model.parameters() if p.requires_grad]
     text_encoder_lr = args.text_encoder_lr if args.text_encoder_lr is not None else args.learning_rate
     if args.scale_lr:
         factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -470,16 +533,18 @@ def build_optimizer(args, accelerator, unet_params, text_encoder_params):
 
         if args.learning_rate <= 0.1:
             logger.warning("Prodigy works best with --learning_rate around 1.0.")
-        return prodigyopt.Prodigy(
+        optimizer = prodigyopt.Prodigy(
             param_groups, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
             use_bias_correction=args.prodigy_use_bias_correction, safeguard_warmup=args.prodigy_safeguard_warmup,
             **common,
         )
-    if args.use_8bit_adam:
+    elif args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(param_groups, **common)
-    return torch.optim.AdamW(param_groups, **common)
+        optimizer = bnb.optim.AdamW8bit(param_groups, **common)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, **common)
+    return optimizer, unet_params + text_encoder_params
 
 
 def build_dataloader(args, accelerator, instance_images, class_images):
@@ -620,7 +685,10 @@ def save_checkpoint(args, accelerator, step, params):
             steps = checkpoint_steps(output_dir)
             for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
                 logger.info(f"Removing checkpoint-{old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-                shutil.rmtree(output_dir / f"checkpoint-{old}")
+                doomed = output_dir / f".checkpoint-{old}.removing"  # never a half-deleted checkpoint-N
+                shutil.rmtree(doomed, ignore_errors=True)  # left by a run killed while pruning
+                os.replace(output_dir / f"checkpoint-{old}", doomed)
+                shutil.rmtree(doomed)
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -669,6 +737,8 @@ def train_loop(args, accelerator, family, *, trained_models, params, optimizer, 
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break  # resumed from the checkpoint of the last step: nothing left to train
         for model in trained_models:
             model.train()
         dataset.epoch = epoch
@@ -754,14 +824,14 @@ def finish_training(args, accelerator, family, adapted_models, load_pipeline, st
     """Save the adapters; check the saved file the way a user would load it (test images); write the card."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = save_lie_weights(args.output_dir, **adapted_models())
+        path = save_lie_weights(args.output_dir, **adapted_models)
         logger.info(f"Saved the adapters to {path}")
         images = []
         if args.validation_prompt and args.num_validation_images > 0:
             pipeline = load_pipeline(weight_dtype_of(accelerator))
             load_lie_weights(pipeline, args.output_dir)
             images = log_validation(pipeline, args, accelerator, step, phase="test", **(validation_kwargs or {}))
-        save_model_card(args, images, family, list(adapted_models()))
+        save_model_card(args, images, family, list(adapted_models))
     accelerator.end_training()
 
 

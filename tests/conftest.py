@@ -18,3 +18,9 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd2_pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2"), kind="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """A saved tiny StableDiffusionXLPipeline folder: two text encoders, two tokenizers (read-only)."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), kind="sdxl")

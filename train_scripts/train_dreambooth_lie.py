@@ -17,53 +17,24 @@ import argparse
 import sys
 
 import torch
-import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import cast_training_params
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
-from lie_diffusion import add_lie_adapters
-from lie_diffusion.training import (
-    DreamBoothDataset,  # noqa: F401 - part of the script's namespace (tests, users importing it)
-    ModelFamily,
-    TrainingError,
-    adapter_config,
-    add_shared_arguments,
-    build_dataloader,
-    build_lr_scheduler,
-    build_optimizer,
-    check_args,
-    denoising_loss,
-    finish_training,
-    load_rgb,  # noqa: F401
-    noise_target,
-    register_adapter_hooks,
-    start_run,
-    train_loop,
-    weight_dtype_of,
-)
+from lie_diffusion import training
+from lie_diffusion.training import DreamBoothDataset, TrainingError, adapter_config, load_rgb  # noqa: F401
 
-FAMILY = ModelFamily(
-    title="Stable Diffusion",
-    pipeline_class="DiffusionPipeline",
-    tags=("stable-diffusion", "stable-diffusion-diffusers"),
-    tracker="dreambooth-lie",
+FAMILY = training.ModelFamily(
+    "Stable Diffusion", "DiffusionPipeline", ("stable-diffusion", "stable-diffusion-diffusers"), "dreambooth-lie"
 )
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="DreamBooth training of Stable Diffusion with Lie-group adapters.")
-    add_shared_arguments(parser)
+    training.add_shared_arguments(parser, resolution=512, output_dir="lie-dreambooth-model",
+                                  text_encoders="the text encoder")
     parser.add_argument("--tokenizer_name", type=str, default=None,
                         help="Tokenizer name or path, if not the model's own.")
-    parser.add_argument("--resolution", type=int, default=512,
-                        help="Training images are resized (shorter side) and cropped to this size.")
-    parser.add_argument("--train_text_encoder", action="store_true", help="Also train adapters on the text encoder.")
-    parser.add_argument("--output_dir", type=str, default="lie-dreambooth-model",
-                        help="Where the adapter weights, checkpoints, validation images and logs are written.")
-    args = parser.parse_args(input_args)
-    check_args(args)
-    return args
+    return training.check_args(parser.parse_args(input_args))
 
 
 def main(args):
@@ -74,63 +45,25 @@ def main(args):
             revision=args.revision, variant=args.variant, **components,
         )
 
-    accelerator, instance_images, class_images = start_run(args, load_pipeline)
+    accelerator, instance_images, class_images = training.start_run(args, load_pipeline)
 
-    # Load the tokenizer, scheduler and models.
+    # Load the tokenizer, scheduler and models; only the adapters train (fp32, frozen weights in the weight dtype).
     if args.tokenizer_name:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
         )
-    text_encoder_config = AutoConfig.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision
-    )
-    text_encoder_cls = getattr(transformers, text_encoder_config.architectures[0])
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    text_encoder = text_encoder_cls.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant
-    )
-    vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-    )
-
-    # Only the adapters train. Frozen weights go to half precision under mixed precision; adapters stay fp32.
-    weight_dtype = weight_dtype_of(accelerator)
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-        model.to(accelerator.device, dtype=weight_dtype)
-
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-
-    config = adapter_config(args)
-    add_lie_adapters(unet, config)
-    if args.train_text_encoder:
-        add_lie_adapters(text_encoder, config)
-    trained_models = [unet, text_encoder] if args.train_text_encoder else [unet]
-    cast_training_params(trained_models, dtype=torch.float32)
-
-    def adapted_models():
-        """The models carrying trained adapters, unwrapped from DDP, by component name."""
-        models = {"unet": accelerator.unwrap_model(unet)}
-        if args.train_text_encoder:
-            models["text_encoder"] = accelerator.unwrap_model(text_encoder)
-        return models
-
-    register_adapter_hooks(accelerator, adapted_models)
-
-    unet_params = [p for p in unet.parameters() if p.requires_grad]
-    text_encoder_params = [p for p in text_encoder.parameters() if p.requires_grad] if args.train_text_encoder else []
-    params_to_optimize = unet_params + text_encoder_params
-    optimizer = build_optimizer(args, accelerator, unet_params, text_encoder_params)
+    text_encoder = training.load_text_encoder(args, "text_encoder")
+    vae = training.load_model(args, AutoencoderKL, "vae")
+    unet = training.load_model(args, UNet2DConditionModel, "unet")
+    weight_dtype = training.weight_dtype_of(accelerator)
+    vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    trained_models = training.add_adapters(args, accelerator, unet, [text_encoder])
+    adapted_models = dict(zip(["unet", "text_encoder"], trained_models))
+    training.register_adapter_hooks(accelerator, adapted_models)
+    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
 
     # Prompts are fixed: tokenize them once.
     def tokenize(prompt):
@@ -141,14 +74,14 @@ def main(args):
     instance_ids = tokenize(args.instance_prompt)
     class_ids = tokenize(args.class_prompt) if args.with_prior_preservation else None
 
-    train_dataset, train_dataloader = build_dataloader(args, accelerator, instance_images, class_images)
-    lr_scheduler = build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
-    unet, optimizer, train_dataloader, lr_scheduler, *trained_text_encoders = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler, *trained_models[1:]
+    train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_images, class_images)
+    lr_scheduler = training.build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
+    *trained_models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        *trained_models, optimizer, train_dataloader, lr_scheduler
     )
-    if trained_text_encoders:
-        text_encoder = trained_text_encoders[0]
-    trained_models = [unet, *trained_text_encoders]
+    unet = trained_models[0]
+    if args.train_text_encoder:
+        text_encoder = trained_models[1]
 
     def compute_loss(batch):
         with torch.no_grad():
@@ -167,8 +100,8 @@ def main(args):
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
 
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-        target = noise_target(noise_scheduler, latents, noise, timesteps)
-        return denoising_loss(args, noise_scheduler, model_pred, target, timesteps, class_ids is not None)
+        target = training.noise_target(noise_scheduler, latents, noise, timesteps)
+        return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, class_ids is not None)
 
     def validation_pipeline():
         return load_pipeline(
@@ -176,13 +109,13 @@ def main(args):
             vae=vae, tokenizer=tokenizer,
         )
 
-    global_step = train_loop(
+    global_step = training.train_loop(
         args, accelerator, FAMILY, trained_models=trained_models, params=params_to_optimize, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline,
     )
     # Save the adapters; then check the saved file the way a user would load it.
-    finish_training(args, accelerator, FAMILY, adapted_models, load_pipeline, global_step)
+    training.finish_training(args, accelerator, FAMILY, adapted_models, load_pipeline, global_step)
 
 
 if __name__ == "__main__":

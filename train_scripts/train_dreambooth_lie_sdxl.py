@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+# Copyright 2025 The lie-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""DreamBooth fine-tuning of Stable Diffusion XL with Lie-group adapters (LieRA).
+
+The flags and the behaviour follow diffusers' `examples/dreambooth/train_dreambooth_lora_sdxl.py`:
+two tokenizers and text encoders (the second gives the pooled embedding), SDXL's micro-conditioning
+(original size, crop top-left, target size), an optional fp16-safe VAE, EDM-style training, Prodigy.
+The UNet's convolutions get Lie adapters (W' = W ⊙ exp(Δ)), its attention projections LoRA (or Lie,
+or nothing: `--attn_adapter`); `--train_text_encoder` adapts both text encoders. The result is one
+`pytorch_lora_weights.safetensors` with `unet`, `text_encoder`, `text_encoder_2` and `lie.` sections.
+
+    accelerate launch train_scripts/train_dreambooth_lie_sdxl.py \
+      --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+      --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
+      --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir lie-dog-sdxl
+
+What both DreamBooth scripts share (data, checkpoints, the loop) is in `lie_diffusion/training.py`.
+"""
+
+import argparse
+import sys
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import AutoTokenizer
+
+from lie_diffusion import training
+from lie_diffusion.training import TrainingError
+
+FAMILY = training.ModelFamily(
+    "Stable Diffusion XL", "StableDiffusionXLPipeline", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
+    "dreambooth-lie-sdxl",
+)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="DreamBooth training of SDXL with Lie-group adapters.")
+    training.add_shared_arguments(parser, resolution=1024, output_dir="lie-dreambooth-sdxl-model",
+                                  text_encoders="both text encoders (saved as text_encoder and text_encoder_2)")
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                        help="A VAE to use instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix "
+                             "(SDXL's VAE overflows in fp16). With it, the VAE runs in the weight dtype; "
+                             "without it, in fp32.")
+    parser.add_argument("--crops_coords_top_left_h", type=int, default=None,
+                        help="Condition on this crop top (pixels) instead of each image's real crop; SDXL's "
+                             "authors use 0 to ask for centred subjects. Also used for validation images.")
+    parser.add_argument("--crops_coords_top_left_w", type=int, default=None,
+                        help="Condition on this crop left (pixels); see --crops_coords_top_left_h.")
+    parser.add_argument("--do_edm_style_training", action="store_true",
+                        help="EDM-style training (Karras et al. 2022, section 5): preconditioned inputs and "
+                             "outputs, x0 target. On automatically for models with an EDM scheduler.")
+    args = training.check_args(parser.parse_args(input_args))
+    if (args.crops_coords_top_left_h is None) != (args.crops_coords_top_left_w is None):
+        raise TrainingError("--crops_coords_top_left_h and --crops_coords_top_left_w go together: give both.")
+    if args.do_edm_style_training and args.snr_gamma is not None:
+        raise TrainingError("--snr_gamma does not apply to --do_edm_style_training (EDM weights by sigma).")
+    return args
+
+
+def main(args):
+    def load_pipeline(torch_dtype, **components):
+        """The base pipeline (with --pretrained_vae_model_name_or_path's VAE), models replaced by `components`."""
+        if args.pretrained_vae_model_name_or_path and "vae" not in components:
+            components["vae"] = AutoencoderKL.from_pretrained(
+                args.pretrained_vae_model_name_or_path, torch_dtype=torch_dtype
+            )
+        return StableDiffusionXLPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, torch_dtype=torch_dtype, revision=args.revision,
+            variant=args.variant, **components,
+        )
+
+    # The first text encoder's last layer feeds nothing (SDXL reads its penultimate hidden states):
+    # with --train_text_encoder its adapters get no gradient, which DDP must be told about.
+    accelerator, instance_images, class_images = training.start_run(args, load_pipeline, find_unused_parameters=True)
+
+    # Tokenizers, scheduler and models. EDM models (e.g. Playground v2.5) always train EDM-style.
+    tokenizers = [
+        AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=name, revision=args.revision)
+        for name in ("tokenizer", "tokenizer_2")
+    ]
+    scheduler_config = DDPMScheduler.load_config(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+    )
+    edm_model = "EDM" in scheduler_config["_class_name"]
+    scheduler_class = EDMEulerScheduler if edm_model else DDPMScheduler
+    if args.do_edm_style_training and not edm_model:
+        scheduler_class = EulerDiscreteScheduler
+    args.do_edm_style_training = args.do_edm_style_training or edm_model
+    if edm_model and args.snr_gamma is not None:
+        raise TrainingError(f"{args.pretrained_model_name_or_path} is an EDM model: --snr_gamma does not apply.")
+    noise_scheduler = scheduler_class.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    text_encoders = [training.load_text_encoder(args, name) for name in ("text_encoder", "text_encoder_2")]
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    else:
+        vae = training.load_model(args, AutoencoderKL, "vae")
+    unet = training.load_model(args, UNet2DConditionModel, "unet")
+
+    # Only the adapters train (fp32); frozen weights in the weight dtype, except SDXL's own VAE: fp32.
+    weight_dtype = training.weight_dtype_of(accelerator)
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
+    trained_models = training.add_adapters(args, accelerator, unet, text_encoders)
+    adapted_models = dict(zip(["unet", "text_encoder", "text_encoder_2"], trained_models))
+    training.register_adapter_hooks(accelerator, adapted_models)
+    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
+
+    latents_mean = latents_std = None
+    if getattr(vae.config, "latents_mean", None) is not None:
+        latents_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(accelerator.device)
+        latents_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(accelerator.device)
+
+    # Prompts are fixed: tokenize once; without text encoder training, encode once too.
+    def tokenize(prompt):
+        return [
+            tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(accelerator.device)
+            for tokenizer in tokenizers
+        ]
+
+    def encode(ids_pair):
+        """SDXL's text conditioning: both encoders' penultimate hidden states side by side, and the
+        second encoder's projected pooled embedding."""
+        hidden = []
+        for text_encoder, ids in zip(text_encoders, ids_pair):
+            output = text_encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), output.text_embeds
+
+    prompt_ids = [tokenize(args.instance_prompt)]
+    if args.with_prior_preservation:
+        prompt_ids.append(tokenize(args.class_prompt))
+    cached_embeddings = None
+    if not args.train_text_encoder:
+        with torch.no_grad():
+            cached_embeddings = [encode(ids) for ids in prompt_ids]
+
+    def embeddings(bsz):
+        """(hidden states, pooled) for a batch: instance prompt first, then class prompt, as in the batch."""
+        counts = [bsz] if len(prompt_ids) == 1 else [bsz // 2, bsz - bsz // 2]
+        encoded = cached_embeddings or [encode(ids) for ids in prompt_ids]
+        hidden = torch.cat([h.expand(n, -1, -1) for (h, _), n in zip(encoded, counts)])
+        pooled = torch.cat([p.expand(n, -1) for (_, p), n in zip(encoded, counts)])
+        return hidden, pooled
+
+    def time_ids(size_crops):
+        """SDXL's micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
+        ids = size_crops.clone()
+        if args.crops_coords_top_left_h is not None:
+            ids[:, 2:] = torch.tensor([args.crops_coords_top_left_h, args.crops_coords_top_left_w])
+        target = torch.tensor([args.resolution, args.resolution]).expand(len(ids), 2)
+        return torch.cat([ids, target], dim=1).to(accelerator.device, dtype=weight_dtype)
+
+    train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_images, class_images)
+    lr_scheduler = training.build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
+    *trained_models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        *trained_models, optimizer, train_dataloader, lr_scheduler
+    )
+    unet = trained_models[0]
+    if args.train_text_encoder:
+        text_encoders = trained_models[1:]
+
+    def compute_loss(batch):
+        with torch.no_grad():
+            latents = vae.encode(batch["pixel_values"].to(dtype=vae_dtype)).latent_dist.sample()
+            if latents_mean is None:
+                latents = latents * vae.config.scaling_factor
+            else:
+                latents = (latents - latents_mean) * vae.config.scaling_factor / latents_std
+            latents = latents.to(weight_dtype)
+        noise = torch.randn_like(latents)
+        bsz = latents.shape[0]
+        if args.do_edm_style_training:
+            # EDM conditions on noise levels: draw indices into the scheduler's (sigma-derived) timesteps.
+            indices = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,))
+            timesteps = noise_scheduler.timesteps[indices].to(latents.device)
+            sigmas = noise_scheduler.sigmas[indices].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+        else:
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        model_input = noisy_latents
+        if args.do_edm_style_training:
+            if edm_model:
+                model_input = noise_scheduler.precondition_inputs(noisy_latents, sigmas)
+            else:
+                model_input = noisy_latents / (sigmas**2 + 1) ** 0.5
+
+        with torch.set_grad_enabled(args.train_text_encoder):
+            prompt_embeds, pooled = embeddings(bsz)
+        conditions = {"text_embeds": pooled, "time_ids": time_ids(batch["size_crops"])}
+        model_pred = unet(model_input, timesteps, prompt_embeds, added_cond_kwargs=conditions, return_dict=False)[0]
+
+        if not args.do_edm_style_training:
+            target = training.noise_target(noise_scheduler, latents, noise, timesteps)
+            return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, len(prompt_ids) > 1)
+        # EDM: turn the prediction into an estimate of the clean latents, the target.
+        weighting = None
+        if edm_model:
+            model_pred = noise_scheduler.precondition_outputs(noisy_latents, model_pred, sigmas)
+        else:
+            if noise_scheduler.config.prediction_type == "epsilon":
+                model_pred = model_pred * (-sigmas) + noisy_latents
+            else:  # v_prediction
+                model_pred = model_pred * (-sigmas / (sigmas**2 + 1) ** 0.5) + noisy_latents / (sigmas**2 + 1)
+            weighting = sigmas**-2.0
+        return training.denoising_loss(args, noise_scheduler, model_pred, latents, timesteps, len(prompt_ids) > 1, weighting)
+
+    validation_kwargs = {}
+    if args.crops_coords_top_left_h is not None:
+        validation_kwargs["crops_coords_top_left"] = (args.crops_coords_top_left_h, args.crops_coords_top_left_w)
+
+    def validation_pipeline():
+        return load_pipeline(
+            None, unet=accelerator.unwrap_model(unet), text_encoder=accelerator.unwrap_model(text_encoders[0]),
+            text_encoder_2=accelerator.unwrap_model(text_encoders[1]), vae=vae, tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+        )
+
+    global_step = training.train_loop(
+        args, accelerator, FAMILY, trained_models=trained_models, params=params_to_optimize, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
+        validation_pipeline=validation_pipeline, validation_kwargs=validation_kwargs,
+    )
+    # Save the adapters; then check the saved file the way a user would load it.
+    training.finish_training(args, accelerator, FAMILY, adapted_models, load_pipeline, global_step, validation_kwargs)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except TrainingError as error:
+        sys.exit(f"error: {error}")
