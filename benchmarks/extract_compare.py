@@ -74,13 +74,9 @@ def run(args, log=print) -> dict:
             assert sorted(f.module.removeprefix("unet.") for f in fits) == sorted(targets)
             params = sum(e.A.numel() + e.B.numel() for e in entries)
             if kind == "locon":
-                error, seconds = total["conv_rel_error_locon"], None
+                error, svd_start, seconds = total["conv_rel_error_locon"], None, None
             else:
-                error = total["conv_rel_error_lie"]
-            svd_start = None
-            if kind != "locon":
-                norm = sum(f.update_norm**2 for f in fits) ** 0.5
-                svd_start = sum((f.svd_start_rel_error * f.update_norm) ** 2 for f in fits) ** 0.5 / norm
+                error, svd_start = total["conv_rel_error_lie"], total["conv_rel_error_lie_svd_start"]
             model = merged_copy(base, tuned, entries, kind, rank, targets)
             row[kind] = {"params": params, "rel_error": error, "svd_start_rel_error": svd_start,
                          "test": Q.evaluate(model, evaluation), "masked": total["masked"] if kind != "locon" else {},
@@ -109,11 +105,12 @@ def render(results) -> str:
         "### Extracting an adapter from a full fine-tune: Lie vs LoCon",
         f"`python benchmarks/extract_compare.py` ({c['seconds']} s on {env['cpu']}, torch {env['torch']}, "
         f"{env['date']}). The quality benchmark's digits UNet, pretrained on 0-4 ({c['pretrain_steps']} steps) and "
-        f"fully fine-tuned on 5-9 ({c['steps']} steps, lr {c['lr']:g}); adapters extracted on its {c['targets']} conv "
-        f"layers at each rank, same factor shapes for all (equal parameter counts). Lie: `lie_diffusion.extract` "
-        f"({c['fit_steps']} L-BFGS steps per layer after the log-ratio SVD); LoCon: truncated SVD of W_tuned − W_base "
-        "(kohya/LyCORIS extraction). Weight error: ‖W_fit − W_tuned‖ / ‖W_tuned − W_base‖ over the conv targets. "
-        "Test loss: held-out denoising loss of the base with the adapter merged.",
+        f"fully fine-tuned on 5-9 ({c['steps']} steps, lr {c['lr']:g}); adapters extracted on its "
+        f"{c['targets']} conv layers at each rank, same factor shapes for all (equal parameter counts). "
+        f"Lie: `lie_diffusion.extract` ({c['fit_steps']} L-BFGS steps per layer after the log-ratio SVD); "
+        "LoCon: truncated SVD of W_tuned − W_base (kohya/LyCORIS extraction). Weight error: "
+        "‖W_fit − W_tuned‖ / ‖W_tuned − W_base‖ over the conv targets. Test loss: held-out denoising loss "
+        "of the base with the adapter merged.",
         "",
         B.md_table(["rank", "adapter", "params", "weight error, SVD start", "weight error", "test loss"], rows),
         "",

@@ -257,13 +257,14 @@ def export_kohya(
         raise ValueError(f"--max-rel-error must be in [0, 1), got {max_rel_error}.")
     entries = check_base(adapter, models)
     unet_config = models["unet"].config
-    tensors, rows = {}, []
+    tensors, rows, names = {}, [], set()
     for component in (c for c in COMPONENTS if c in entries):
         for module_name, entry in sorted(entries[component].items()):
             weight = models[component].get_submodule(module_name).weight.detach()
             name = kohya_name(component, module_name, unet_config)
-            if name in tensors or f"{name}.lora_down.weight" in tensors:
+            if name in names:
                 raise ValueError(f"{entry.ref}: kohya name {name} is given twice.")
+            names.add(name)
             written = _export_module(name, entry, weight, conv, rank, max_rel_error, dtype)
             tensors.update(written[0])
             rows.append(written[1])

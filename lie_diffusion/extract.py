@@ -216,14 +216,14 @@ def extract_adapter(
 
 
 def totals(fits: list[LayerFit]) -> dict:
-    """Whole-adapter errors, √Σerr² / √Σ‖W_tuned − W_base‖², for the extract and for the LoCon reference."""
-    norm = math.sqrt(sum(f.update_norm**2 for f in fits))
-
-    def total(errors):
-        return math.sqrt(sum(e**2 for e in errors)) / norm
-
+    """Whole-adapter errors √Σerr² / √Σ‖W_tuned − W_base‖²: all modules; the conv (Lie) modules, before and
+    after the weight-space refinement; a LoCon of equal size on the same modules."""
     lie = [f for f in fits if f.kind == "lie"]
-    lie_norm = math.sqrt(sum(f.update_norm**2 for f in lie))
+
+    def total(modules, relative_errors):
+        norm = math.sqrt(sum(f.update_norm**2 for f in modules))
+        return math.sqrt(sum((e * f.update_norm) ** 2 for f, e in zip(modules, relative_errors))) / norm
+
     masked = {}
     for f in lie:
         for reason, count in f.masked.items():
@@ -232,10 +232,10 @@ def totals(fits: list[LayerFit]) -> dict:
         "modules": len(fits),
         "lie_modules": len(lie),
         "lora_modules": len(fits) - len(lie),
-        "rel_error": total(f.abs_error for f in fits),
-        "conv_rel_error_lie": math.sqrt(sum(f.abs_error**2 for f in lie)) / lie_norm if lie else None,
-        "conv_rel_error_locon": math.sqrt(sum((f.locon_rel_error * f.update_norm) ** 2 for f in lie)) / lie_norm
-        if lie else None,
+        "rel_error": total(fits, [f.rel_error for f in fits]),
+        "conv_rel_error_lie": total(lie, [f.rel_error for f in lie]) if lie else None,
+        "conv_rel_error_lie_svd_start": total(lie, [f.svd_start_rel_error for f in lie]) if lie else None,
+        "conv_rel_error_locon": total(lie, [f.locon_rel_error for f in lie]) if lie else None,
         "masked": masked,
     }
 
@@ -250,7 +250,8 @@ def format_report(fits: list[LayerFit], total: dict, other: dict) -> str:
     lines.append(f"Total relative weight-space error: {total['rel_error']:.3e} over {total['modules']} modules "
                  f"({total['lie_modules']} Lie, {total['lora_modules']} LoRA).")
     if total["lie_modules"]:
-        lines.append(f"Conv layers: Lie {total['conv_rel_error_lie']:.3e} vs a LoCon of equal size "
+        lines.append(f"Conv layers: Lie {total['conv_rel_error_lie']:.3e} (log-ratio SVD start "
+                     f"{total['conv_rel_error_lie_svd_start']:.3e}) vs a LoCon of equal size "
                      f"{total['conv_rel_error_locon']:.3e}.")
         masked = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in total["masked"].items())
         lines.append(f"Entries without a logarithm (masked from the fit): {masked}.")
