@@ -124,13 +124,14 @@ class CrashHarness:
                       "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "none", *extra_flags]
         self.reference = self.workdir / "reference"
 
-    def run(self, output, crash_at=None, resume=False) -> int:
+    def run(self, output, crash_at=None, resume=False, flags=None) -> int:
         """One training run into `output`; `crash_at` is "event:N" or "time:seconds". Returns the exit status."""
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CRASH_AT="",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(self.script.parents[1]), os.environ.get("PYTHONPATH")])))
         if crash_at and not crash_at.startswith("time:"):
             env["CRASH_AT"] = crash_at
-        command = [sys.executable, str(self.driver), str(self.script), *self.flags, "--output_dir", str(output)]
+        flags = self.flags if flags is None else flags
+        command = [sys.executable, str(self.driver), str(self.script), *flags, "--output_dir", str(output)]
         if resume:
             command += ["--resume_from_checkpoint", "latest"]
         with open(Path(output).parent / f"{Path(output).name}.log", "a") as log:
@@ -152,7 +153,12 @@ class CrashHarness:
     def make_reference(self) -> None:
         if not (self.reference / WEIGHTS).exists():
             shutil.rmtree(self.reference, ignore_errors=True)
-            status = self.run(self.reference)
+            # Every checkpoint kept, to compare with whichever ones a pruning run has at the moment it is killed.
+            flags = list(self.flags)
+            if "--checkpoints_total_limit" in flags:
+                at = flags.index("--checkpoints_total_limit")
+                del flags[at:at + 2]
+            status = self.run(self.reference, flags=flags)
             if status != 0:
                 raise RuntimeError(f"the uninterrupted run failed (status {status}); see {self.reference}.log")
 
