@@ -24,7 +24,7 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .functional import MODES, LieFactor, lie_conv2d, lie_linear, lie_multiplier
+from .functional import MODES, LieFactor, _compute_dtype, lie_conv2d, lie_linear, lie_multiplier, lie_weight
 
 
 # The peft_type a LieLoraConfig writes to adapter_config.json. Stock peft looks it up among its own types and
@@ -162,6 +162,11 @@ class LieLayerMixin(AdapterLayerMixin):
     """
 
     other_param_names = lora_layer.LoraLayer.other_param_names + ("lie_mode",)
+    # Speed switches (see `set_lie_speed_options`): reuse W' across no-grad calls, and keep W' from
+    # forward for backward instead of rebuilding it.
+    lie_weight_cache = True
+    lie_keep_adapted = False
+    _lie_cache = None  # (key, snapshots of the factors, W') of the last no-grad call
 
     def _check_config(self, adapter_name: str, config: LoraConfig, name: str) -> str:
         """The new adapter's mode: the config's, or that of the adapters add_weighted_adapter combines."""
@@ -236,13 +241,58 @@ class LieLayerMixin(AdapterLayerMixin):
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("Lie layers do not support per-sample `adapter_names` (mixed-batch inference).")
         if self.disable_adapters:
+            self._lie_cache = None
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         unmerged = [a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters]
         if not unmerged:
             return self.base_layer(x, *args, **kwargs)
-        return self._lie_forward(x, [self._factor(a, train_dropout=True) for a in unmerged])
+        factors = [self._factor(a, train_dropout=True) for a in unmerged]
+        cached = self._cached_weight(x, unmerged, factors)
+        if cached is not None:
+            with torch.autocast(x.device.type, enabled=False):  # in the dtype of W', as the op runs
+                return self._run(x, cached)
+        return self._lie_forward(x, factors)
+
+    def _cached_weight(self, x: torch.Tensor, adapters: list[str], factors: list[LieFactor]) -> torch.Tensor | None:
+        """W' for a call that needs no grad, rebuilt only when something it depends on changed.
+
+        None (build W' inside the op as usual) when grad is needed, dropout acts, torch.compile traces
+        or the cache is off. The key holds W's storage, version (in-place updates), dtype and device, the
+        adapters, scales, modes and the compute dtype; the factors are compared by value against small
+        snapshots, so writes that bypass version counters (`param.data.copy_`, EMA swaps) are seen too.
+        """
+        weight = self.get_base_layer().weight
+        if not self.lie_weight_cache or torch.compiler.is_compiling():
+            return None
+        tensors = [x, weight, self.get_base_layer().bias, *(t for f in factors for t in (f.A, f.B))]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return None
+        if self.training and any(not isinstance(self.lora_dropout[a], nn.Identity) for a in adapters):
+            return None
+        dtype = _compute_dtype(x, weight)
+        key = (tuple(adapters), tuple(f.scaling for f in factors), tuple(f.mode for f in factors),
+               weight.data_ptr(), weight._version, weight.dtype, weight.device, dtype)
+        factor_tensors = [t for f in factors for t in (f.A, f.B)]
+        cache = self._lie_cache
+        if cache is None or cache[0] != key or not all(
+            old.shape == new.shape and old.dtype == new.dtype and old.device == new.device and torch.equal(old, new)
+            for old, new in zip(cache[1], factor_tensors)
+        ):
+            self._lie_cache = None  # never two kernels at once
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # W' from float32 math, as the op
+                cache = (key, [t.detach().clone() for t in factor_tensors], lie_weight(weight, factors, dtype))
+            self._lie_cache = cache
+        return cache[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._lie_cache = None  # a dtype/device move: rebuilt where the weight now lives, old memory released
+        return super()._apply(fn, *args, **kwargs)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._lie_cache = None
+        super().delete_adapter(adapter_name)
 
     def _multiplier(self, adapter: str, scaling: float) -> torch.Tensor:
         return lie_multiplier([self._factor(adapter, scaling)], self.get_base_layer().weight.shape)
@@ -252,11 +302,12 @@ class LieLayerMixin(AdapterLayerMixin):
         """W ← W ⊙ M(sΔ) for each adapter, in float32 at least; the scaling used is remembered, so
         unmerge is exact even when `set_adapters` changes the scale in between."""
         weight = self.get_base_layer().weight
+        self._lie_cache = None  # a fused layer needs no second kernel
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
             scaling = self.scaling[adapter]
-            merged = (weight * self._multiplier(adapter, scaling)).to(weight.dtype)
+            merged = lie_weight(weight, [self._factor(adapter, scaling)])
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaN/inf detected while merging Lie adapter {adapter!r}; the adapter seems broken.")
             weight.copy_(merged)
@@ -271,6 +322,7 @@ class LieLayerMixin(AdapterLayerMixin):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         weight = self.get_base_layer().weight
+        self._lie_cache = None
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             scaling = self._merge_scale(adapter)
@@ -301,7 +353,13 @@ class LieConv2d(LieLayerMixin, lora_layer.Conv2d):
         if conv.padding_mode != "zeros":
             x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
             padding = (0, 0)
-        return lie_conv2d(x, conv.weight, conv.bias, factors, conv.stride, padding, conv.dilation, conv.groups)
+        return lie_conv2d(x, conv.weight, conv.bias, factors, conv.stride, padding, conv.dilation, conv.groups,
+                          keep_adapted=self.lie_keep_adapted)
+
+    def _run(self, x, adapted):
+        conv = self.get_base_layer()
+        bias = None if conv.bias is None else conv.bias.to(adapted.dtype)
+        return conv._conv_forward(x.to(adapted.dtype), adapted, bias)
 
 
 class LieLinear(LieLayerMixin, lora_layer.Linear):
@@ -309,7 +367,11 @@ class LieLinear(LieLayerMixin, lora_layer.Linear):
 
     def _lie_forward(self, x, factors):
         linear = self.get_base_layer()
-        return lie_linear(x, linear.weight, linear.bias, factors)
+        return lie_linear(x, linear.weight, linear.bias, factors, keep_adapted=self.lie_keep_adapted)
+
+    def _run(self, x, adapted):
+        bias = self.get_base_layer().bias
+        return nn.functional.linear(x.to(adapted.dtype), adapted, None if bias is None else bias.to(adapted.dtype))
 
 
 class AdditiveLoraMixin(AdapterLayerMixin):
@@ -371,3 +433,25 @@ def additive_class(base_layer: nn.Module) -> type:
 
 def is_lie_class(cls: type) -> bool:
     return issubclass(cls, LieLayerMixin)
+
+
+def set_lie_speed_options(model: nn.Module, weight_cache: bool | None = None, keep_adapted: bool | None = None) -> int:
+    """Set the speed switches of every Lie layer in `model` (None leaves one as it is); returns how many layers.
+
+    `weight_cache` (default on): a call without grad reuses W' = W ⊙ M from the previous one while W, the
+    factors, adapters, scales, dtype and device are unchanged, so unfused inference runs at the base
+    model's speed. Memory: one extra kernel per adapted layer, the size of a fused model's weight, held
+    until the layer is fused, disabled, moved, its adapter deleted or the cache switched off (released then).
+    `keep_adapted` (default off): training saves W' for backward instead of rebuilding it, one extra kernel
+    per adapted layer from its forward to its backward. Under gradient checkpointing that is one
+    checkpointed block's kernels at a time.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LieLayerMixin)]
+    for layer in layers:
+        if weight_cache is not None:
+            layer.lie_weight_cache = weight_cache
+            if not weight_cache:
+                layer._lie_cache = None
+        if keep_adapted is not None:
+            layer.lie_keep_adapted = keep_adapted
+    return len(layers)
