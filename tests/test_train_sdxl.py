@@ -91,6 +91,18 @@ def test_sdxl_flags_and_their_errors(tmp_path):
             train_sdxl.parse_args(base + flags)
 
 
+def test_sd1_model_is_refused_in_one_line(tiny_pipeline_dir, tiny_sdxl_pipeline_dir, tmp_path):
+    def args_for(model):
+        return train_sdxl.parse_args(["--pretrained_model_name_or_path", str(model), "--instance_data_dir", "d",
+                                      "--instance_prompt", "p"])
+
+    train_sdxl.check_sdxl_model(args_for(tiny_sdxl_pipeline_dir))
+    with pytest.raises(train_sdxl.TrainingError, match="is not an SDXL pipeline"):
+        train_sdxl.check_sdxl_model(args_for(tiny_pipeline_dir))
+    with pytest.raises(train_sdxl.TrainingError, match="cannot read the pipeline"):
+        train_sdxl.check_sdxl_model(args_for(tmp_path / "missing"))
+
+
 def test_accelerate_bf16_run_then_resume_matches_straight_run(tiny_sdxl_pipeline_dir, toy_images, tmp_path):
     """bf16 + both text encoders + gradient checkpointing + prior preservation + validation + fixed crop
     conditioning; then a run resumed from `latest` (mid-epoch) ends with the straight run's exact weights."""

@@ -64,7 +64,23 @@ def parse_args(input_args=None):
     return args
 
 
+def check_sdxl_model(args):
+    """An SD 1.x/2.x folder would fail deep inside model loading: say so in one line, first."""
+    try:
+        index = StableDiffusionXLPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise TrainingError(f"cannot read the pipeline {args.pretrained_model_name_or_path}: {reason}") from None
+    if not {"text_encoder_2", "tokenizer_2"} <= index.keys():
+        raise TrainingError(
+            f"{args.pretrained_model_name_or_path} is not an SDXL pipeline (no text_encoder_2 / tokenizer_2); "
+            "train SD 1.x/2.x models with train_dreambooth_lie.py."
+        )
+
+
 def main(args):
+    check_sdxl_model(args)
+
     def load_pipeline(torch_dtype, **components):
         """The base pipeline (with --pretrained_vae_model_name_or_path's VAE), models replaced by `components`."""
         if args.pretrained_vae_model_name_or_path and "vae" not in components:
