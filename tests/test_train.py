@@ -84,31 +84,30 @@ def run(command, ok=True, env=None):
     return result
 
 
-def _driver(directory):
-    """A wrapper running the script with AdamW.step instrumented: per step, it prints the process rank,
-    the dtypes of the optimized parameters and their sum after the update."""
+def _driver(directory, script=SCRIPT):
+    """A wrapper running a training script with a global optimizer-step hook (any optimizer class): per
+    step it writes the process rank, the optimizer class, the dtypes of the optimized parameters and their
+    sum after the update, in one write so that two processes' lines do not interleave."""
     driver = Path(directory) / "driver.py"
     driver.write_text(
-        "import os, runpy, sys, torch\n"
-        "step = torch.optim.AdamW.step\n"
-        "def checked_step(self, *args, **kwargs):\n"
-        "    result = step(self, *args, **kwargs)\n"
-        "    params = [p for group in self.param_groups for p in group['params']]\n"
+        "import os, runpy, sys\n"
+        "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+        "def report(optimizer, args, kwargs):\n"
+        "    params = [p for group in optimizer.param_groups for p in group['params']]\n"
         "    dtypes = ','.join(sorted({str(p.dtype) for p in params}))\n"
         "    total = sum(p.double().sum().item() for p in params)\n"
-        "    print(f'STEP rank={os.environ.get(\"RANK\", 0)} dtypes={dtypes} sum={total!r}', file=sys.stderr)\n"
-        "    return result\n"
-        "torch.optim.AdamW.step = checked_step\n"
-        f"sys.argv[0] = {str(SCRIPT)!r}\n"
-        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        "    line = f'STEP rank={os.environ.get(\"RANK\", 0)} optimizer={type(optimizer).__name__} dtypes={dtypes}'\n"
+        "    os.write(2, f'\\n{line} sum={total!r}\\n'.encode())\n"
+        "register_optimizer_step_post_hook(report)\n"
+        f"sys.argv[0] = {str(script)!r}\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
     )
     return driver
 
 
 def _steps(result):
     """(rank, dtypes, sum) for each optimizer step reported by the driver."""
-    # Two processes share stderr: a line may run into the next one's "STEP", so match the number only.
-    return re.findall(r"STEP rank=(\d+) dtypes=(\S+) sum=([-+.0-9e]+|nan|-?inf)", result.stderr)
+    return re.findall(r"STEP rank=(\d+) optimizer=\w+ dtypes=(\S+) sum=([-+.0-9e]+|nan|-?inf)", result.stderr)
 
 
 def checkpoints(output):

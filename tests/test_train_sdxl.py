@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from test_train import _env, checkpoints, load_weights, make_instance_images, run
+from test_train import _common, _driver, _env, _steps, checkpoints, load_weights, make_instance_images, run
 
 from lie_diffusion import load_lie_weights, read_lie_file
 
@@ -32,36 +32,9 @@ def _accelerate(mixed_precision="no"):
             "--mixed_precision", mixed_precision, "--dynamo_backend", "no", str(SCRIPT)]
 
 
-def _common(model, instances, output, steps):
-    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instances),
-            "--instance_prompt", "a photo of sks toy", "--output_dir", str(output), "--resolution", "32",
-            "--train_batch_size", "1", "--max_train_steps", str(steps), "--lr_warmup_steps", "0", "--seed", "0",
-            "--num_inference_steps", "2"]
-
-
-def _driver(directory, script=SCRIPT):
-    """A wrapper running the script with a global optimizer-step hook (any optimizer class): per step it
-    writes the process rank, the optimizer class, the dtypes of the parameters and their sum after the update."""
-    driver = Path(directory) / "driver.py"
-    driver.write_text(
-        "import os, runpy, sys, torch\n"
-        "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
-        "def report(optimizer, args, kwargs):\n"
-        "    params = [p for group in optimizer.param_groups for p in group['params']]\n"
-        "    dtypes = ','.join(sorted({str(p.dtype) for p in params}))\n"
-        "    total = sum(p.double().sum().item() for p in params)\n"
-        "    line = f'\\nSTEP rank={os.environ.get(\"RANK\", 0)} optimizer={type(optimizer).__name__} '\n"
-        "    os.write(2, (line + f'dtypes={dtypes} sum={total!r}\\n').encode())  # one write: no interleaving\n"
-        "register_optimizer_step_post_hook(report)\n"
-        f"sys.argv[0] = {str(script)!r}\n"
-        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
-    )
-    return driver
-
-
-def _steps(result):
-    """(rank, optimizer, dtypes, sum) for each optimizer step reported by the driver."""
-    return re.findall(r"STEP rank=(\d+) optimizer=(\w+) dtypes=(\S+) sum=(\S+)", result.stderr)
+def _optimizers(result):
+    """The optimizer class of each step the driver reported."""
+    return re.findall(r"STEP rank=\d+ optimizer=(\w+)", result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +87,10 @@ def test_accelerate_bf16_run_then_resume_matches_straight_run(tiny_sdxl_pipeline
              "--adapter_dropout", "0.1", "--crops_coords_top_left_h", "0", "--crops_coords_top_left_w", "0"]
     # 2 images, batch 1: epochs are 2 steps; validation after step 2; checkpoint-3 is mid-epoch.
     command = _accelerate("bf16")
-    command[-1] = str(_driver(tmp_path))
+    command[-1] = str(_driver(tmp_path, SCRIPT))
     result = run(command + _common(tiny_sdxl_pipeline_dir, toy_images, straight, 4) + flags)
-    assert [(o, d) for _, o, d, _ in _steps(result)] == [("AdamW", "torch.float32")] * 4  # fp32 adapters
+    assert [dtypes for _, dtypes, _ in _steps(result)] == ["torch.float32"] * 4  # fp32 adapters under bf16
+    assert _optimizers(result) == ["AdamW"] * 4
     assert checkpoints(straight) == ["checkpoint-3", "checkpoint-4"]
     assert len(list(class_dir.glob("*.jpg"))) == 2
 
@@ -173,14 +147,14 @@ def test_torchrun_two_process_ddp_edm_prodigy(tiny_sdxl_pipeline_dir, toy_images
     flags = ["--train_text_encoder", "--do_edm_style_training", "--optimizer", "prodigy", "--learning_rate", "1.0",
              "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of toy",
              "--num_class_images", "3", "--checkpointing_steps", "2", "--report_to", "none"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(_driver(tmp_path))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(_driver(tmp_path, SCRIPT))]
     result = run(command + _common(tiny_sdxl_pipeline_dir, toy_images, output, 2) + flags,
                  env=_env(ACCELERATE_USE_CPU="1"))
     assert "Num processes: 2" in result.stdout + result.stderr
     steps = _steps(result)
-    per_rank = {rank: [total for r, _, _, total in steps if r == rank] for rank in ("0", "1")}
+    per_rank = {rank: [total for r, _, total in steps if r == rank] for rank in ("0", "1")}
     assert len(per_rank["0"]) == 2 and per_rank["0"] == per_rank["1"]
-    assert {optimizer for _, optimizer, _, _ in steps} == {"Prodigy"}
+    assert set(_optimizers(result)) == {"Prodigy"}
     assert len(list(class_dir.glob("*.jpg"))) == 3  # sampled by both processes, written once
     assert checkpoints(output) == ["checkpoint-2"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (output / "checkpoint-2").iterdir()}

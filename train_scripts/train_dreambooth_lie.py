@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DCon
 from transformers import AutoTokenizer
 
 from lie_diffusion import training
+# Also reached through this module by the tests and by code that imports the script.
 from lie_diffusion.training import DreamBoothDataset, TrainingError, adapter_config, load_rgb  # noqa: F401
 
 FAMILY = training.ModelFamily(
