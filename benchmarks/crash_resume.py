@@ -126,8 +126,8 @@ class CrashHarness:
 
     def run(self, output, crash_at=None, resume=False, flags=None) -> int:
         """One training run into `output`; `crash_at` is "event:N" or "time:seconds". Returns the exit status."""
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CRASH_AT="",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(self.script.parents[1]), os.environ.get("PYTHONPATH")])))
+        pythonpath = os.pathsep.join(filter(None, [str(self.script.parents[1]), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CRASH_AT="", PYTHONPATH=pythonpath)
         if crash_at and not crash_at.startswith("time:"):
             env["CRASH_AT"] = crash_at
         flags = self.flags if flags is None else flags
@@ -173,7 +173,8 @@ class CrashHarness:
         return problems
 
     def final_weights_match(self, output) -> bool:
-        return (Path(output) / WEIGHTS).exists() and not _compare_files(Path(output) / WEIGHTS, self.reference / WEIGHTS)
+        weights = Path(output) / WEIGHTS
+        return weights.exists() and not _compare_files(weights, self.reference / WEIGHTS)
 
     def trial(self, output, kills: list[str]) -> dict:
         """Kill successive runs at `kills` (the first a fresh run, the others resumes), then resume to the end."""
@@ -227,9 +228,10 @@ def _compare_dirs(got: Path, want: Path) -> list[str]:
 def random_kill(rng: random.Random, run_seconds: float) -> str:
     """A kill moment: an instrumented event (most of the time) or a random time into the run."""
     if rng.random() < 0.25:
-        return f"time:{rng.uniform(0.5, run_seconds):.2f}"
+        return f"time:{rng.uniform(0.3, 0.8) * run_seconds:.2f}"  # runs vary in length: stay inside one
     event = rng.choice(EVENTS)
-    count = {"step": 6, "torch_save": 9, "fsync": 4, "replace": 7, "rmtree": 3}[event]
+    # How often each event happens in a whole run of main()'s settings (6 steps, 3 checkpoints, 1 pruning).
+    count = {"step": 6, "torch_save": 9, "fsync": 4, "replace": 7, "rmtree": 1}[event]
     return f"{event}:{rng.randint(1, count)}"
 
 
@@ -253,6 +255,7 @@ def main():
         record = harness.trial(workdir / f"trial-{trial:02d}", kills)
         failures += bool(record["problems"])
         verdict = "ok" if not record["problems"] else "FAIL: " + "; ".join(record["problems"])
+        # -9: killed; 0: the run ended before the kill moment came (a resumed run has fewer events).
         print(f"trial {trial:2d}: kills {', '.join(kills):<28} exit statuses {record['statuses']} -> {verdict}",
               flush=True)
     print(f"{args.trials - failures}/{args.trials} trials resumed to the uninterrupted run's weights, bit for bit, "

@@ -381,8 +381,8 @@ def _check_pair_shapes(path: Path, prefix: str, A: torch.Tensor, B: torch.Tensor
         raise ValueError(
             f"{path}: {prefix} holds lie-diffusion Lie factors ({shapes}) written from a state dict (e.g. peft's "
             "get_peft_model_state_dict + diffusers' save_lora_weights), without the Lie metadata that says how to "
-            "apply them. Save adapters with lie_diffusion.save_lie_weights; to recover this file, add_lie_adapters with "
-            "the training config, then peft.set_peft_model_state_dict(unet, state dict without the 'unet.' prefix)."
+            "apply them. Save adapters with lie_diffusion.save_lie_weights; to recover this file, add_lie_adapters "
+            "with the training config, then peft.set_peft_model_state_dict(unet, state dict without the 'unet.' prefix)."
         )
     if A.ndim not in (2, 4) or B.ndim != A.ndim or B.shape[1] != A.shape[0] or (B.ndim == 4 and B.shape[2:] != (1, 1)):
         raise ValueError(
