@@ -110,7 +110,7 @@ def load_renders(path: str | Path = DATA_FILE) -> EmojiRenders:
 
 
 def compose(render: np.ndarray | torch.Tensor, background: tuple[int, int, int], size: int = 24,
-            offset: tuple[int, int] | None = None, image_size: int = IMAGE_SIZE) -> np.ndarray:
+            offset: tuple[int, int] | None = None, image_size: int = IMAGE_SIZE, margin: int = MARGIN) -> np.ndarray:
     """Alpha-blend one RGBA render, scaled to `size` px, onto a plain background; uint8 (H, W, 3).
 
     `offset` is the (x, y) of the emoji's top-left corner; None centres it.
@@ -118,8 +118,8 @@ def compose(render: np.ndarray | torch.Tensor, background: tuple[int, int, int],
     from PIL import Image
 
     render = np.asarray(render)
-    if size + 2 * MARGIN > image_size:
-        raise ValueError(f"emoji size {size} + 2*{MARGIN} margin does not fit a {image_size} px image")
+    if size + 2 * margin > image_size:
+        raise ValueError(f"emoji size {size} + 2*{margin} margin does not fit a {image_size} px image")
     if size != render.shape[0]:
         render = np.asarray(Image.fromarray(render, "RGBA").convert("RGBa").resize((size, size), Image.LANCZOS)
                             .convert("RGBA"))
