@@ -97,16 +97,15 @@ def _single_adapted(weight: torch.Tensor, factor: LieFactor) -> torch.Tensor:
     return buffer
 
 
-def _builds_graph(weight: torch.Tensor, factors: Sequence[LieFactor]) -> bool:
-    tensors = [weight] + [t for f in factors for t in (f.A, f.B)]
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lie_weight(weight: torch.Tensor, factors: Sequence[LieFactor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """W' = W ⊙ M, computed in float32 at least (float64 when W or the factors are) and returned in `dtype`
     (default: W's). Type promotion does the upcast, so a half-precision W never meets M in half precision.
     Differentiable; without grad, one adapter takes the in-place single-buffer route."""
-    if len(factors) == 1 and not _builds_graph(weight, factors):
+    if len(factors) == 1 and not _needs_grad(weight, *(t for f in factors for t in (f.A, f.B))):
         adapted = _single_adapted(weight, factors[0])
     else:
         adapted = weight * lie_multiplier(factors, weight.shape)
@@ -159,13 +158,10 @@ class _LieOp(torch.autograd.Function):
     traces it whole."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, op, modes, scalings, keep_adapted, *factor_tensors):
-        dtype = _compute_dtype(x, weight)
-        factors = _factors(factor_tensors, scalings, modes)
-        with torch.autocast(x.device.type, enabled=False):
-            x_c = x.to(dtype)
-            adapted = lie_weight(weight, factors, dtype)
-            out = op.forward(x_c, adapted, None if bias is None else bias.to(dtype))
+    def forward(ctx, x, weight, bias, spec, *factor_tensors):
+        op, modes, scalings, keep_adapted = spec
+        out, x_c, adapted = _forward(x, weight, bias, op, _factors(factor_tensors, scalings, modes))
+        dtype = adapted.dtype
         ctx.save_for_backward(x_c, weight, adapted if keep_adapted else None, *factor_tensors)
         ctx.op, ctx.modes, ctx.scalings, ctx.dtype = op, modes, scalings, dtype
         ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
@@ -175,7 +171,7 @@ class _LieOp(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, kept, *factor_tensors = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        needs_factors = ctx.needs_input_grad[7:]
+        needs_factors = ctx.needs_input_grad[4:]
         factors = _factors(factor_tensors, ctx.scalings, ctx.modes)
         needs_grad_w = needs_w or any(needs_factors)
         with torch.autocast(x.device.type, enabled=False):
@@ -191,7 +187,7 @@ class _LieOp(torch.autograd.Function):
             grad_x = grad_x.to(ctx.x_dtype)
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
-        return (grad_x, grad_w, grad_b, None, None, None, None, *grad_factors)
+        return (grad_x, grad_w, grad_b, None, *grad_factors)
 
 
 def _weight_grads(grad_adapted, weight, adapted, factors, needs_w, needs_factors):
@@ -246,15 +242,26 @@ def _factors(tensors, scalings, modes) -> list[LieFactor]:
     return [LieFactor(tensors[2 * i], tensors[2 * i + 1], s, m) for i, (s, m) in enumerate(zip(scalings, modes))]
 
 
+def _forward(x, weight, bias, op, factors):
+    """(op(x, W', b), x, W'), all in the compute dtype (autocast's, else W's)."""
+    dtype = _compute_dtype(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        x_c = x.to(dtype)
+        adapted = lie_weight(weight, factors, dtype)
+        return op.forward(x_c, adapted, None if bias is None else bias.to(dtype)), x_c, adapted
+
+
 def _apply(x, weight, bias, factors: Sequence[LieFactor], op, keep_adapted: bool):
     if not factors:
         raise ValueError("A Lie op needs at least one adapter factor.")
     for factor in factors:
         _check_mode(factor.mode)
     tensors = [t for f in factors for t in (f.A, f.B)]
+    if not _needs_grad(x, weight, bias, *tensors):  # inference: the op alone, no autograd.Function
+        return _forward(x, weight, bias, op, factors)[0]
     modes = tuple(f.mode for f in factors)
     scalings = tuple(float(f.scaling) for f in factors)
-    return _LieOp.apply(x, weight, bias, op, modes, scalings, bool(keep_adapted), *tensors)
+    return _LieOp.apply(x, weight, bias, (op, modes, scalings, bool(keep_adapted)), *tensors)
 
 
 def lie_linear(x, weight, bias, factors: Sequence[LieFactor], keep_adapted: bool = False) -> torch.Tensor:
