@@ -39,7 +39,8 @@ CONV_MODES = ("exact", "lowrank", "auto")
 DEFAULT_MAX_REL_ERROR = 0.01
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STRENGTH_CAVEAT = (
-    "These tools apply W + t·ΔW: at strength t the exported Lie part is W(1 + t·expm1(sΔ)), not the "
+    "Strength: ComfyUI, A1111, Forge and diffusers apply W + t·ΔW, so at strength t the exported Lie part is "
+    "W(1 + t·expm1(sΔ)), not the "
     "Lie model's W ⊙ exp(t·sΔ); the two agree at t = 1 only."
 )
 # diffusers ResnetBlock2D submodule -> SGM/LDM ResBlock submodule
