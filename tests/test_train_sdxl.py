@@ -82,13 +82,13 @@ def test_accelerate_bf16_run_then_resume_matches_straight_run(tiny_sdxl_pipeline
     straight, resumed, class_dir = tmp_path / "straight", tmp_path / "resumed", tmp_path / "class"
     flags = ["--train_text_encoder", "--gradient_checkpointing", "--with_prior_preservation",
              "--class_data_dir", str(class_dir), "--class_prompt", "a photo of toy", "--num_class_images", "2",
-             "--validation_prompt", "sks toy", "--num_validation_images", "1", "--validation_epochs", "1",
              "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--random_flip",
              "--adapter_dropout", "0.1", "--crops_coords_top_left_h", "0", "--crops_coords_top_left_w", "0"]
     # 2 images, batch 1: epochs are 2 steps; validation after step 2; checkpoint-3 is mid-epoch.
     command = _accelerate("bf16")
     command[-1] = str(_driver(tmp_path, SCRIPT))
-    result = run(command + _common(tiny_sdxl_pipeline_dir, toy_images, straight, 4) + flags)
+    validation = ["--validation_prompt", "sks toy", "--num_validation_images", "1", "--validation_epochs", "1"]
+    result = run(command + _common(tiny_sdxl_pipeline_dir, toy_images, straight, 4) + flags + validation)
     assert [dtypes for _, dtypes, _ in _steps(result)] == ["torch.float32"] * 4  # fp32 adapters under bf16
     assert _optimizers(result) == ["AdamW"] * 4
     assert checkpoints(straight) == ["checkpoint-3", "checkpoint-4"]
@@ -120,6 +120,7 @@ def test_accelerate_bf16_run_then_resume_matches_straight_run(tiny_sdxl_pipeline
 
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    # Without validation: it draws no training randomness, so the weights must still match exactly.
     result = run(_accelerate("bf16") + _common(tiny_sdxl_pipeline_dir, toy_images, resumed, 4) + flags
                  + ["--resume_from_checkpoint", "latest"])
     assert f"Resuming from checkpoint {resumed / 'checkpoint-3'}" in result.stdout + result.stderr
@@ -142,11 +143,11 @@ def _test_image(pipeline):
 
 
 def test_torchrun_two_process_ddp_edm_prodigy(tiny_sdxl_pipeline_dir, toy_images, tmp_path):
-    """DDP on 2 CPU processes with both text encoders, EDM-style training and Prodigy: ranks stay in step."""
-    output, class_dir = tmp_path / "out", tmp_path / "class"
+    """DDP on 2 CPU processes with both text encoders, EDM-style training and Prodigy: ranks stay in step.
+    (Class images under DDP and the NaN stop are the shared code of lie_diffusion.training: test_train.py.)"""
+    output = tmp_path / "out"
     flags = ["--train_text_encoder", "--do_edm_style_training", "--optimizer", "prodigy", "--learning_rate", "1.0",
-             "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of toy",
-             "--num_class_images", "3", "--checkpointing_steps", "2", "--report_to", "none"]
+             "--checkpointing_steps", "2", "--report_to", "none"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(_driver(tmp_path, SCRIPT))]
     result = run(command + _common(tiny_sdxl_pipeline_dir, toy_images, output, 2) + flags,
                  env=_env(ACCELERATE_USE_CPU="1"))
@@ -155,20 +156,6 @@ def test_torchrun_two_process_ddp_edm_prodigy(tiny_sdxl_pipeline_dir, toy_images
     per_rank = {rank: [total for r, _, total in steps if r == rank] for rank in ("0", "1")}
     assert len(per_rank["0"]) == 2 and per_rank["0"] == per_rank["1"]
     assert set(_optimizers(result)) == {"Prodigy"}
-    assert len(list(class_dir.glob("*.jpg"))) == 3  # sampled by both processes, written once
     assert checkpoints(output) == ["checkpoint-2"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (output / "checkpoint-2").iterdir()}
     assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder", "text_encoder_2"}
-
-
-def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_sdxl_pipeline_dir, toy_images, tmp_path):
-    output = tmp_path / "out"
-    # A huge step makes the Lie multipliers overflow: the loss of step 2 is not finite.
-    result = run([sys.executable, str(SCRIPT)] + _common(tiny_sdxl_pipeline_dir, toy_images, output, 4)
-                 + ["--learning_rate", "1e30", "--checkpointing_steps", "1", "--report_to", "none"], ok=False)
-    last = result.stderr.strip().splitlines()[-1]
-    assert re.match(r"error: loss is (nan|inf) at step 2", last) and str(output / "checkpoint-1") in last
-    assert "Traceback" not in result.stderr
-    assert checkpoints(output) == ["checkpoint-1"] and not list(output.glob(".checkpoint-*"))
-    read_lie_file(output / "checkpoint-1")  # complete and finite
-    assert not (output / "pytorch_lora_weights.safetensors").exists()
