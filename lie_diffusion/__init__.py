@@ -3,7 +3,7 @@
 from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_weight
 from .inject import LieConfig, add_lie_adapters, merge_lie_weights
 from .io import load_lie_weights, read_lie_file, save_lie_weights
-from .layers import LieConv2d, LieLinear, LieLoraConfig
+from .layers import LieConv2d, LieLinear, LieLoraConfig, set_lie_speed_options
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,5 @@ __all__ = [
     "merge_lie_weights",
     "read_lie_file",
     "save_lie_weights",
+    "set_lie_speed_options",
 ]
