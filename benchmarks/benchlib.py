@@ -36,12 +36,17 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 
 # UNet2DConditionModel configs. "mid" is the issue's CPU size; "sd15" is Stable Diffusion 1.5's
-# UNet (the rest of its config is diffusers' default); "tiny" is for smoke tests.
+# UNet (the rest of its config is diffusers' default); "tiny" and "micro" are for smoke tests.
 UNET_CONFIGS = {
     "tiny": dict(
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=16,
+    ),
+    "micro": dict(  # one cross-attention down and up block, no mid block: compiles in seconds (smoke tests)
+        block_out_channels=(8,), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
+        sample_size=8,
     ),
     "mid": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=768,
                 attention_head_dim=8, sample_size=64),
@@ -352,19 +357,23 @@ OP_GROUPS = {
 }
 
 
-def op_shares(fn: Callable, device="cpu") -> dict[str, float]:
-    """Where one call of `fn` spends its time, by op group (torch.profiler self time, summed)."""
+def op_times(fn: Callable, device="cpu") -> dict[str, float]:
+    """Seconds one call of `fn` spends in each aten op (torch.profiler self time; device time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         fn()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, attr) for e in events) or 1
-    shares = {g: sum(getattr(e, attr) for e in events if any(k in e.key for k in keys)) / total
-              for g, keys in OP_GROUPS.items()}
+    return {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def op_shares(fn: Callable, device="cpu") -> dict[str, float]:
+    """Where one call of `fn` spends its time, by op group (torch.profiler self time, summed)."""
+    times = op_times(fn, device)
+    total = sum(times.values()) or 1
+    shares = {g: sum(t for op, t in times.items() if any(k in op for k in keys)) / total for g, keys in OP_GROUPS.items()}
     shares["other"] = 1 - sum(shares.values())
     return shares
 

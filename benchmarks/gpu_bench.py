@@ -4,9 +4,10 @@
     python benchmarks/gpu_bench.py --device cpu --tiny     # dry run of the same code path on a CPU
 
 Each configuration builds the SD1.5 UNet (random weights) in that dtype, trains the adapters in fp32
-under autocast (diffusers' example scripts do the same), and runs speed.py's training and inference
-benchmarks on it: one process, interleaved rounds after a warm-up, medians, peak memory from
-torch.cuda.max_memory_allocated. Results go to gpu.json and gpu.md.
+under autocast (diffusers' example scripts do the same), and runs speed.py's training (with the
+gradient-checkpointed and keep-W' variants), batch-1 inference (W' cache on / off) and, without
+xformers, torch.compile benchmarks on it: one process, interleaved rounds after a warm-up, medians,
+peak memory from torch.cuda.max_memory_allocated. Results go to gpu.json and gpu.md.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ def run_config(args, dtype_name, xformers, log=print) -> dict:
     start = time.perf_counter()
     out = {"train": speed.bench_train(base, args.latent, args.batch, args.rank, args.reps, args.warmup,
                                       autocast_dtype=dtype, log=log)}
-    out["inference"] = speed.bench_inference(base, args.latent, args.batch, args.rank, args.reps, args.warmup,
+    out["inference"] = speed.bench_inference(base, args.latent, args.inference_batch, args.rank, args.reps, args.warmup,
                                              autocast_dtype=dtype, log=log)
+    if args.compile != "none" and not xformers:
+        out["compiled"] = speed.bench_compiled(args.size, args.latent, args.batch, args.rank, args.reps, args.warmup,
+                                               device=args.device, dtype=dtype, autocast_dtype=dtype,
+                                               backend=args.compile, log=log)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
 
@@ -62,8 +67,10 @@ def render(results) -> str:
         parts += [f"{c['unet_params'] / 1e6:.0f} M params, {c['latent']}×{c['latent']} latents, batch {c['batch']}, "
                   f"rank {c['rank']} on {c['targets']} convs; medians of {c['reps']} rounds.", "",
                   speed.train_table(r["train"]), "", speed.time_split(r["train"]), "",
-                  B.md_table(["inference", "forward s", "× base"],
+                  B.md_table([f"inference (batch {results['args']['inference_batch']})", "forward s", "× base"],
                              [[k, f"{v['forward_s']:.4f}", f"{v['x_base']:.3f}"] for k, v in r["inference"].items()])]
+        if "compiled" in r:
+            parts += ["", *speed.compiled_table(r["compiled"])]
     return "\n".join(parts)
 
 
@@ -74,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--size", default="sd15", choices=sorted(B.UNET_CONFIGS))
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--inference-batch", type=int, default=1)
+    parser.add_argument("--compile", default="inductor", help="torch.compile backend for the compiled step ('none': skip)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -258,18 +258,20 @@ class LieLayerMixin(AdapterLayerMixin):
     def _cached_weight(self, x: torch.Tensor, adapters: list[str], factors: list[LieFactor]) -> torch.Tensor | None:
         """W' for a call that needs no grad, rebuilt only when something it depends on changed.
 
-        None (build W' inside the op as usual) when grad is needed, dropout acts, torch.compile traces
-        or the cache is off. The key holds W's storage, version (in-place updates), dtype and device, the
-        adapters, scales, modes and the compute dtype; the factors are compared by value against small
-        snapshots, so writes that bypass version counters (`param.data.copy_`, EMA swaps) are seen too.
+        None (build W' inside the op as usual, and drop any cached one) when grad is needed, dropout
+        acts, torch.compile traces or the cache is off. The key holds W's storage, version (in-place
+        updates), dtype and device, the adapters, scales, modes and the compute dtype; the factors are
+        compared by value against small snapshots, so writes that bypass version counters
+        (`param.data.copy_`, EMA swaps) are seen too.
         """
+        if torch.compiler.is_compiling():
+            return None
         weight = self.get_base_layer().weight
-        if not self.lie_weight_cache or torch.compiler.is_compiling():
-            return None
         tensors = [x, weight, self.get_base_layer().bias, *(t for f in factors for t in (f.A, f.B))]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return None
-        if self.training and any(not isinstance(self.lora_dropout[a], nn.Identity) for a in adapters):
+        if (not self.lie_weight_cache
+                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+                or (self.training and any(not isinstance(self.lora_dropout[a], nn.Identity) for a in adapters))):
+            self._lie_cache = None  # e.g. training resumes after a no-grad validation pass: free the kernels
             return None
         dtype = _compute_dtype(x, weight)
         key = (tuple(adapters), tuple(f.scaling for f in factors), tuple(f.mode for f in factors),

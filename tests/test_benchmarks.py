@@ -65,24 +65,38 @@ def test_speed_script_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(README_TEMPLATE)
     speed.main(["--size", "tiny", "--latents", "8", "--batch", "1", "--reps", "1", "--warmup", "0", "--inference-reps", "1",
+                "--compile-size", "none",
                 "--files-size", "tiny", "--file-reps", "1", "--out", str(tmp_path), "--readme", str(readme)])
     data = json.loads((tmp_path / "speed.json").read_text())
     config = data["configs"]["8"]
-    assert set(config["train"]["methods"]) == set(B.TRAIN_PEERS)
+    assert set(config["train"]["methods"]) == set(B.TRAIN_PEERS) | set(speed.VARIANTS)
     assert {"step_s", "fwd_bwd_s", "peak_step_mib", "peak_step_rss_mib"} <= set(config["train"]["methods"]["lie-exp"])
     assert set(config["train"]["floor_time_split"]) == {"convolutions", "attention", "other"}
-    assert set(config["inference"]) == {"base", "lie-exp unfused", "lie-taylor unfused", "peft-lora unfused", "lie-exp fused"}
+    assert config["train"]["lie_extra_by_op"] and all(op.startswith("aten::") for op in config["train"]["lie_extra_by_op"])
+    assert set(config["inference"]) == {"base", "lie-exp unfused", "lie-exp unfused, no W' cache", "lie-taylor unfused",
+                                        "peft-lora unfused", "lie-exp fused"}
+    assert "compiled" not in data
     assert all({"goal", "measured", "met"} <= set(g) for g in config["goals"])
     assert {"load", "merge"} <= set(data["files"]["ops"])
     text = readme.read_text()
     assert "| lie-exp |" in text and "STALE" not in text and text.endswith("keep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n")
 
 
+def test_compiled_benchmark_counts_graph_breaks():
+    import speed
+
+    out = speed.bench_compiled("micro", 8, 1, 2, reps=1, warmup=0, methods=("floor", "lie-exp"), backend="eager",
+                               log=lambda _: None)
+    assert out["methods"]["lie-exp"]["graph_breaks"] == 0 and out["methods"]["floor"]["x_floor"] == 1.0
+    assert all(m["fwd_bwd_s"] > 0 and m["compile_s"] > 0 for m in out["methods"].values())
+
+
 def test_gpu_script_dry_run(tmp_path):
     pytest.importorskip("lycoris")
     import gpu_bench
 
-    gpu_bench.main(["--device", "cpu", "--tiny", "--latent", "8", "--reps", "1", "--warmup", "0", "--dtypes", "bf16", "--out", str(tmp_path)])
+    gpu_bench.main(["--device", "cpu", "--tiny", "--latent", "8", "--reps", "1", "--warmup", "0", "--dtypes", "bf16", "--compile", "none",
+                    "--out", str(tmp_path)])
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert set(data["configs"]) == {"bf16, xformers off", "bf16, xformers on"}
     assert "lie-exp" in data["configs"]["bf16, xformers off"]["train"]["methods"]

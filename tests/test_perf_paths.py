@@ -258,6 +258,10 @@ def test_cache_is_never_used_while_grad_is_needed(layer_and_input):
     out = layer(x)  # grad mode on, nothing requires grad: the cache may serve
     assert cached(layer) is not None and not out.requires_grad
 
+    layer.requires_grad_(True)
+    layer(x)  # training again after a no-grad pass: the kernel is released, not held through training
+    assert layer._lie_cache is None
+
 
 def test_cache_off_switch_dropout_and_inference_mode():
     layer, x = lie_layer(nn.Conv2d(4, 6, 3, padding=1), dropout=0.5), torch.randn(2, 4, 5, 5)
