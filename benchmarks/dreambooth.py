@@ -26,7 +26,8 @@ without being told which method made it:
   border has the asked colour, and the subject similarity of those images;
 - prior preservation: classifier accuracy on "a <name> emoji" for emoji the pipeline was pretrained
   on, before and after fine-tuning;
-- held-out denoising loss of "a sks emoji" on unseen pictures of the subject (fixed noise/timesteps).
+- held-out denoising loss (the training objective) of "a sks emoji" on unseen pictures of the subject
+  (fixed noise and timesteps).
 Sampling: the pipeline's DPM-Solver++ at its default steps and guidance, fixed seeds per prompt.
 """
 
@@ -38,6 +39,7 @@ import copy
 import functools
 import importlib.util
 import logging
+import shlex
 import statistics
 import sys
 import tempfile
@@ -73,6 +75,7 @@ TRAIN_PICTURES = 4
 TEST_SUBJECTS = ("dog face", "red apple", "rocket", "sunflower", "crown", "ghost", "octopus", "hamburger",
                  "guitar", "rainbow", "trophy", "robot face")
 VALIDATION_SUBJECTS = ("frog face", "slice of pizza")
+DEFAULT_SIZE = {"subjects": 6, "seeds": 3, "val_subjects": 1}  # the issue's size: >= 6 subjects x 3 seeds
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,17 @@ METHODS = (
     Method("hira-conv-lora-attn", "peft HiRA on the convs + peft LoRA on attention", peer="hira-conv-lora-attn"),
 )
 BY_NAME = {m.name: m for m in METHODS}
+
+
+def selected_methods(args) -> dict[str, Method]:
+    """`--methods` plus the `--variant NAME=FLAGS` Lie runs (the training script's flags, e.g. '--conv_alpha 8')."""
+    chosen = {name: BY_NAME[name] for name in args.methods}
+    for spec in args.variant or []:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in BY_NAME:
+            raise ValueError(f"--variant {spec!r}: write NAME=FLAGS with a new name, e.g. lie-a8='--conv_alpha 8'")
+        chosen[name] = Method(name, f"Lie default with `{flags}`", (*BY_NAME[REFERENCE].script_flags, *shlex.split(flags)))
+    return chosen
 REFERENCE = "lie-default"
 # Per-method learning-rate grids. Lie and HiRA conv updates are W ⊙ Δ: the same factor step moves a
 # kernel |W| times less than LoRA's BA, so their grids sit higher (as in quality.py).
@@ -270,12 +284,11 @@ class Judge:
 
     @torch.no_grad()
     def heldout_loss(self, pipeline, subject: Subject) -> float:
-        """Epsilon MSE of the instance prompt on the subject's unseen pictures; noise and timesteps fixed per subject."""
+        """The training loss (MSE to the noise or velocity target) of the instance prompt on the subject's unseen
+        pictures; noise and timesteps fixed per subject."""
         from diffusers import DDPMScheduler
 
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        if scheduler.config.prediction_type != "epsilon":
-            raise ValueError(f"held-out loss expects an epsilon model, got {scheduler.config.prediction_type}")
         vae, unet = pipeline.vae, pipeline.unet
         latents = vae.encode(subject.heldout_pixels).latent_dist.mean * vae.config.scaling_factor
         latents = latents.repeat(self.noise_draws, 1, 1, 1)
@@ -286,14 +299,17 @@ class Judge:
                                  truncation=True, return_tensors="pt").input_ids
         states = pipeline.text_encoder(ids)[0].expand(len(latents), -1, -1)
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
-        return float(torch.nn.functional.mse_loss(prediction, noise))
+        target = training.noise_target(scheduler, latents, noise, timesteps)
+        return float(torch.nn.functional.mse_loss(prediction, target))
 
-    def score(self, pipeline, subject: Subject) -> tuple[dict, dict]:
+    def score(self, pipeline, subject: Subject, images: dict | None = None) -> tuple[dict, dict]:
+        """Metrics and samples; `images` (from `sample`) skips sampling again (the base model's do not depend
+        on the subject)."""
         from lie_diffusion.emoji.classifier import subject_similarity
         from lie_diffusion.emoji.data import background_color
 
         pipeline.unet.eval()
-        images = self.sample(pipeline)
+        images = images or self.sample(pipeline)
         colours = list(PALETTE)
         metrics = {
             "subject_similarity": float(subject_similarity(self.classifier, images["subject"], subject.reference).mean()),
@@ -327,7 +343,8 @@ class Bench:
         self.judge = Judge(self.classifier, [names[i] for i in pick], args.subject_images, args.sample_steps,
                            args.guidance)
         base = pretrained_emoji_pipeline(self.pipeline_dir)
-        self.budget = equal_budget(base.unet, [BY_NAME[m] for m in args.methods], args.rank)
+        self.methods = selected_methods(args)
+        self.budget = equal_budget(base.unet, list(self.methods.values()), args.rank)
         self.class_dir = workdir / "class-images"
         names = TEST_SUBJECTS[:args.subjects] + VALIDATION_SUBJECTS[:args.val_subjects]
         seen = [n for n in names if n not in self.renders.held_out]
@@ -338,8 +355,9 @@ class Bench:
         self.base_scores, self.base_images = {}, {}
         if prepare:
             self._class_images(base)
+            images = self.judge.sample(base)
             for name, subject in self.subjects.items():
-                self.base_scores[name], self.base_images[name] = self.judge.score(base, subject)
+                self.base_scores[name], self.base_images[name] = self.judge.score(base, subject, images)
 
     def _class_images(self, base) -> None:
         """`--class-images` samples of the class prompt from the base model, shared by every run."""
@@ -386,7 +404,7 @@ class Bench:
         return pipeline, B.count_params(kept["params"])
 
     def run(self, method_name: str, subject_name: str, seed: int, lr: float) -> tuple[dict, dict]:
-        method, subject = BY_NAME[method_name], self.subjects[subject_name]
+        method, subject = self.methods[method_name], self.subjects[subject_name]
         start = time.perf_counter()
         pipeline, size = self.train(method, subject, seed, lr)
         if size != self.budget["trainable_params"][method.name]:
@@ -453,12 +471,13 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         else:
             run_all = functools.partial(map, lambda task: bench.run(*task))
         # Phase 1: the learning rate of each method on the validation subjects (seed 0).
-        grids = {name: args.lr_grid or LR_GRIDS[name] for name in args.methods}
-        swept = [n for n in args.methods if len(grids[n]) > 1 and validation]
+        names = list(bench.methods)
+        grids = {name: args.lr_grid or LR_GRIDS.get(name, LR_GRIDS[REFERENCE]) for name in names}
+        swept = [n for n in names if len(grids[n]) > 1 and validation]
         tasks = [(n, s, 0, lr) for n in swept for lr in grids[n] for s in validation]
         sweep_records = [record for record, _ in run_all(tasks)]
         sweeps, chosen = {}, {}
-        for name in args.methods:
+        for name in names:
             if name in swept:
                 sweeps[name] = [r for r in sweep_records if r["method"] == name]
                 lr, why = choose_lr(sweeps[name], base_prior, args.prior_tolerance)
@@ -466,7 +485,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
             else:
                 chosen[name] = {"lr": grids[name][len(grids[name]) // 2], "why": "no sweep: the middle of the grid"}
         # Phase 2: every method on every test subject and seed at its learning rate.
-        tasks = [(n, s, seed, chosen[n]["lr"]) for n in args.methods for s in subjects for seed in seeds]
+        tasks = [(n, s, seed, chosen[n]["lr"]) for n in names for s in subjects for seed in seeds]
         records, samples = [], {}
         for record, images in run_all(tasks):
             records.append(record)
@@ -478,15 +497,20 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         "instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT,
         "prior_names": bench.judge.prior_names, "pipeline": str(bench.pipeline_dir),
         "budget": {k: v for k, v in b.items() if k not in ("convs", "attns")},
-        "methods": {m.name: m.about for m in METHODS if m.name in args.methods},
+        "methods": {m.name: m.about for m in bench.methods.values()},
         "base": {"prior_accuracy": base_prior, "per_subject": {s: bench.base_scores[s] for s in subjects}},
         "lr": chosen, "sweeps": sweeps, "runs": records,
         "seconds": round(time.perf_counter() - started), "env": B.environment(),
     }
+    per_run = statistics.mean(r["train_s"] + r["eval_s"] for r in sweep_records + records)
+    default_runs = sum(len(LR_GRIDS[m.name]) * DEFAULT_SIZE["val_subjects"]
+                       + DEFAULT_SIZE["subjects"] * DEFAULT_SIZE["seeds"] for m in METHODS)
+    results["timing"] = {"runs": len(sweep_records) + len(records), "mean_run_s": per_run,
+                         "default_runs": default_runs, "default_estimate_min": default_runs * per_run / 60}
     results["summary"] = summarize(results)
     pictures = {"held-out render": {s: bench.subjects[s].heldout_pixels[0] for s in subjects},
                 "base model": {s: bench.base_images[s]["subject"][0] for s in subjects}}
-    for name in args.methods:
+    for name in names:
         pictures[name] = {s: samples[(name, s)] for s in subjects}
     return results, pictures
 
@@ -533,12 +557,12 @@ def verdict(results: dict) -> list[str]:
             continue
         sim, prior = entry["vs_reference"]["subject_similarity"], entry["vs_reference"]["prior_accuracy"]
         spread = sim["std_diff"] / max(1, sim["pairs"]) ** 0.5
-        clear = abs(sim["mean_diff"]) > 2 * spread
+        clear = sim["pairs"] >= 3 and abs(sim["mean_diff"]) > 2 * spread
         better = "higher" if sim["mean_diff"] > 0 else "lower"
         lines.append(
             f"{REFERENCE} vs {name}: subject similarity {better} by {abs(sim['mean_diff']):.3f} "
             f"(paired std {sim['std_diff']:.3f}, {sim['pairs']} pairs, {REFERENCE} wins {100 * sim['reference_win_rate']:.0f}%)"
-            + ("" if clear else " — within twice the standard error, so not a clear difference")
+            + ("" if clear else " — fewer than 3 pairs or within twice the standard error: not a clear difference")
             + f"; prior accuracy {prior['mean_diff']:+.3f} ({REFERENCE} minus {name}).")
     return lines
 
@@ -570,12 +594,19 @@ def render(results: dict, grid_path: str) -> str:
         cells = [f"{lr:g}: sim {statistics.mean(r['subject_similarity'] for r in rs):.3f}, "
                  f"prior {statistics.mean(r['prior_accuracy'] for r in rs):.2f}" for lr, rs in sorted(by_lr.items())]
         sweep_rows.append([name, "; ".join(cells), f"{results['lr'][name]['lr']:g}"])
-    small = c["subjects"] < 6 or c["seeds"] < 3
+    small = c["subjects"] < DEFAULT_SIZE["subjects"] or c["seeds"] < DEFAULT_SIZE["seeds"]
+    t = results["timing"]
+    lr_rule = (f"Learning rate per method chosen on {', '.join(results['validation_subjects'])} (seed 0): best subject "
+               f"similarity with prior accuracy within {c['prior_tolerance']} of the base model's."
+               if results["sweeps"] else "Learning rate: the middle of each method's grid (no validation sweep in this run).")
     about = "\n".join(f"- **{name}**: {text}" for name, text in results["methods"].items())
     return "\n".join([
         "### DreamBooth fidelity at an equal parameter budget",
-        f"`python benchmarks/dreambooth.py --subjects {c['subjects']} --seeds {c['seeds']} --steps {c['steps']}` "
-        f"({results['seconds']} s on {env['cpu']}, {env['torch_threads']} thread(s), torch {env['torch']}, {env['date']})."
+        f"`{results['command']}` ({results['seconds']} s on {env['cpu']}, {c['jobs']} job(s) × {c['threads']} thread(s), "
+        f"torch {env['torch']}, {env['date']}): {t['runs']} runs of {t['mean_run_s']:.0f} s on average (train + judge). "
+        f"At that speed the default size ({t['default_runs']} runs: {DEFAULT_SIZE['subjects']} subjects × "
+        f"{DEFAULT_SIZE['seeds']} seeds and a 3-lr sweep on {DEFAULT_SIZE['val_subjects']} validation subject, per method) "
+        f"takes about {t['default_estimate_min']:.0f} min in one process; `--jobs 2` runs two at a time."
         + (f" **A reduced run** ({c['subjects']} subjects × {c['seeds']} seeds; the issue asks for ≥ 6 × 3): "
            "read the spreads accordingly." if small else ""),
         f"The shipped pretrained emoji pipeline (32 px) learns held-out emoji it never saw: subjects "
@@ -584,9 +615,8 @@ def render(results: dict, grid_path: str) -> str:
         f"(weight 1), batch {c['batch']} + {c['batch']}, {c['steps']} steps, AdamW, constant lr. Every method trains "
         f"through `train_scripts/train_dreambooth_lie.py` (peers: the same script with only the adapter swapped). "
         f"Ranks: {b['rank']} on {b['conv_layers']} convs and {b['attn_layers']} attention projections for every "
-        f"conv+attention method; {b['attn_only_rank']} for attention-only LoRA (the closest total). Learning rate per "
-        f"method chosen on {', '.join(results['validation_subjects']) or '—'} (seed 0): best subject similarity with "
-        f"prior accuracy within {c['prior_tolerance']} of the base model's. Judge: the shipped emoji classifier. "
+        f"conv+attention method; {b['attn_only_rank']} for attention-only LoRA (the closest total). {lr_rule} "
+        f"Judge: the shipped emoji classifier. "
         f"Cells: mean ± std over {len(results['subjects'])} subjects × {len(results['seeds'])} seeds.",
         "",
         about,
@@ -628,12 +658,15 @@ def save_pictures(path: Path, pictures: dict) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=6, help=f"test subjects (the first N of {len(TEST_SUBJECTS)})")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--subjects", type=int, default=DEFAULT_SIZE["subjects"],
+                        help=f"test subjects (the first N of {len(TEST_SUBJECTS)})")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SIZE["seeds"])
     parser.add_argument("--steps", type=int, default=200, help="training steps per run")
-    parser.add_argument("--val-subjects", type=int, default=1, choices=range(0, len(VALIDATION_SUBJECTS) + 1),
+    parser.add_argument("--val-subjects", type=int, default=DEFAULT_SIZE["val_subjects"], choices=range(0, len(VALIDATION_SUBJECTS) + 1),
                         help="validation subjects for the lr choice (0: use the middle of each grid)")
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS], choices=[m.name for m in METHODS])
+    parser.add_argument("--variant", action="append", metavar="NAME=FLAGS",
+                        help="an extra Lie run: the default's flags plus these training-script flags (repeatable)")
     parser.add_argument("--rank", type=int, default=4, help="rank of every conv+attention method")
     parser.add_argument("--batch", type=int, default=2, help="instance pictures per step (plus as many class images)")
     parser.add_argument("--class-images", type=int, default=16)
@@ -641,7 +674,7 @@ def main(argv=None):
     parser.add_argument("--prior-tolerance", type=float, default=0.15,
                         help="largest drop of prior accuracy an lr may cause and still be chosen")
     parser.add_argument("--subject-images", type=int, default=8, help='samples of "a sks emoji" per run')
-    parser.add_argument("--prior-prompts", type=int, default=16, help="pretrained emoji asked for (prior preservation)")
+    parser.add_argument("--prior-prompts", type=int, default=12, help="pretrained emoji asked for (prior preservation)")
     parser.add_argument("--sample-steps", type=int, default=NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--pipeline", default=None, help="pipeline folder (default: the shipped pretrained one)")
@@ -655,6 +688,7 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         results, pictures = run(args, workdir)
+    results["command"] = shlex.join(["python", "benchmarks/dreambooth.py", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     grid = save_pictures(out / "dreambooth_samples.png", pictures)
     grid_ref = str(grid.relative_to(ROOT)) if grid.resolve().is_relative_to(ROOT) else str(grid)
