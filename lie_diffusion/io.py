@@ -251,6 +251,9 @@ def unet_fingerprint(unet: nn.Module) -> dict:
 def _atomic_write(path: Path, data: bytes) -> None:
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file gets the usual permissions
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()

@@ -681,12 +681,13 @@ def save_checkpoint(args, accelerator, step, params):
         os.replace(partial, final)
         shutil.rmtree(stale, ignore_errors=True)
         logger.info(f"Saved state to {final}")
+        for leftover in output_dir.glob(".checkpoint-*.removing"):  # left by a run killed while pruning
+            shutil.rmtree(leftover, ignore_errors=True)
         if args.checkpoints_total_limit is not None:
             steps = checkpoint_steps(output_dir)
             for old in steps[: max(0, len(steps) - args.checkpoints_total_limit)]:
                 logger.info(f"Removing checkpoint-{old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
                 doomed = output_dir / f".checkpoint-{old}.removing"  # never a half-deleted checkpoint-N
-                shutil.rmtree(doomed, ignore_errors=True)  # left by a run killed while pruning
                 os.replace(output_dir / f"checkpoint-{old}", doomed)
                 shutil.rmtree(doomed)
 

@@ -6,6 +6,7 @@ Helpers here (`tiny_pipeline`, `make_adapter`, `outputs`) are shared with test_p
 
 import copy
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -172,6 +173,16 @@ def test_failed_save_keeps_the_previous_file(adapter, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_lie_weights(tmp_path, adapter.pipe.unet, adapter.pipe.text_encoder)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_saved_file_gets_the_usual_permissions(adapter, tmp_path):
+    """Atomic saves go through a private temporary file; the result must still be readable like any file."""
+    umask = os.umask(0o022)
+    try:
+        save_lie_weights(tmp_path, adapter.pipe.unet, adapter.pipe.text_encoder)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_save_refuses_unknown_adapter_and_nan(adapter, tmp_path):
