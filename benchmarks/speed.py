@@ -333,6 +333,7 @@ def main(argv=None):
         train = bench_train(base, latent, args.batch, args.rank, args.reps, args.warmup)
         inference = bench_inference(base, latent, args.inference_batch, args.rank, args.inference_reps, args.warmup)
         results["configs"][str(latent)] = {"train": train, "inference": inference, "goals": goals(train, inference)}
+        B.write_results("speed", results, render(results), args.out)  # after each size: nothing lost if stopped
     del base
     if args.compile_size != "none":
         results["compiled"] = bench_compiled(args.compile_size, args.compile_latent, args.batch, args.rank, args.reps,

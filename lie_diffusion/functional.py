@@ -206,7 +206,7 @@ def _weight_grads(grad_adapted, weight, adapted, factors, needs_w, needs_factors
         deltas_grads, grad_w = _general_delta_grads(grad, weight, factors, needs_w)
     grads = []
     for factor, d_delta, (needs_a, needs_b) in zip(factors, deltas_grads, zip(needs_factors[::2], needs_factors[1::2])):
-        flat = _flat(d_delta) if d_delta is not None else None
+        flat = _flat(d_delta)
         grads.append(None if not needs_a else
                      ((_flat(factor.B).to(dtype).t() * factor.scaling) @ flat).reshape(factor.A.shape).to(factor.A.dtype))
         # (A (dL/dΔ)ᵀ)ᵀ, not (dL/dΔ) Aᵀ: the same product, about 2× faster on CPUs for a wide dL/dΔ.
