@@ -38,6 +38,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import json
 import logging
 import shlex
 import statistics
@@ -464,6 +465,12 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
     log(f"base model: prior accuracy {base_prior['prior_accuracy']:.3f}, similarity {base_prior['prior_similarity']:.3f} "
         f"on {len(bench.judge.prior_names)} pretrained emoji")
 
+    def keep(record: dict) -> dict:
+        """Each finished run also goes to <workdir>/runs.jsonl as it comes: an interrupted benchmark keeps them."""
+        with open(workdir / "runs.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return record
+
     with contextlib.ExitStack() as stack:
         if args.jobs > 1:  # independent runs in worker processes, one thread each by default
             import multiprocessing
@@ -479,7 +486,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         grids = {name: args.lr_grid or LR_GRIDS.get(name, LR_GRIDS[REFERENCE]) for name in names}
         swept = [n for n in names if len(grids[n]) > 1 and validation]
         tasks = [(n, s, 0, lr) for n in swept for lr in grids[n] for s in validation]
-        sweep_records = [record for record, _ in run_all(tasks)]
+        sweep_records = [keep(record) for record, _ in run_all(tasks)]
         sweeps, chosen = {}, {}
         for name in names:
             if name in swept:
@@ -492,7 +499,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         tasks = [(n, s, seed, chosen[n]["lr"]) for n in names for s in subjects for seed in seeds]
         records, samples = [], {}
         for record, images in run_all(tasks):
-            records.append(record)
+            records.append(keep(record))
             if record["seed"] == seeds[0]:
                 samples[(record["method"], record["subject"])] = images["subject"][0]
     results = {
