@@ -241,12 +241,17 @@ def findings(configs) -> list[str]:
                 f"{100 * (m['lie-exp']['step_s'] / floor - 1):+.0f}% over the floor")
         if "lie-exp+keep" in m:
             line += f" ({100 * (m['lie-exp+keep']['step_s'] / floor - 1):+.0f}% with W' kept for backward)"
-        line += ("; the rest is weight-sized work the floor does not do: Δ = BA (mm), exp2 and ⊙ W in forward and again "
+        line += (": weight-sized work the floor does not do: Δ = BA (mm), exp2 and ⊙ W in forward and again "
                  "in backward, G ⊙ W' and the two factor products (mm), which weighs more as activations shrink.")
         if "lie-exp+ckpt" in m and "peft-lora+ckpt" in m:
             line += (f" With gradient checkpointing: Lie exp {m['lie-exp+ckpt']['step_s'] / m['floor+ckpt']['step_s']:.2f}"
                      f" × the checkpointed floor, {m['lie-exp+ckpt']['step_s'] / m['peft-lora+ckpt']['step_s']:.2f} × "
                      "checkpointed peft LoRA.")
+        inference, no_cache = cfg["inference"], "lie-exp unfused, no W' cache"
+        line += (f" Inference: unfused Lie exp {inference['lie-exp unfused']['x_base']:.2f} × base with the W' cache, "
+                 f"{inference[no_cache]['x_base']:.2f} × without, peft LoRA "
+                 f"{inference['peft-lora unfused']['x_base']:.2f} ×, fused {inference['lie-exp fused']['x_base']:.2f} × "
+                 "(fused runs exactly the base model's convolutions, so its distance from 1.00 is this run's noise).")
         lines.append(line)
     return lines
 
