@@ -3,8 +3,8 @@
 
     python benchmarks/emoji_metrics.py [--pipeline DIR] [--readme README.md|none]
 
-For every emoji the pipeline was pretrained on, one prompt "a <name> emoji on a <colour> background"
-(colours cycle through the palette), at the default sampler, steps and guidance, fixed seeds. Reports
+For every emoji the pipeline was pretrained on, `--per_class` prompts "a <name> emoji on a <colour>
+background" (colours cycle through the palette), at the default sampler, steps and guidance, fixed seeds. Reports
 the classifier's top-1 over all 1,361 emoji (and top-5, and top-1 among the pretrained emoji only)
 and how often the border's nearest palette colour is the requested one. Writes
 benchmarks/results/emoji_metrics.json, a 16-prompt sample grid, and the README section.
@@ -45,11 +45,11 @@ def generate(pipeline, prompts: list[str], seed: int, batch_size: int, steps: in
     return np.concatenate(out)
 
 
-def evaluate(pipeline_dir: Path, seed: int = 0, limit: int = 0, batch_size: int = 64,
+def evaluate(pipeline_dir: Path, seed: int = 0, limit: int = 0, per_class: int = 2, batch_size: int = 64,
              steps: int = NUM_INFERENCE_STEPS, guidance: float = GUIDANCE_SCALE) -> tuple[dict, np.ndarray, list]:
     pipeline = pretrained_emoji_pipeline(pipeline_dir)
     classifier = load_classifier()
-    names = trained_classes(pipeline_dir)[: limit or None]
+    names = [name for name in trained_classes(pipeline_dir)[: limit or None] for _ in range(per_class)]
     colors = [list(PALETTE)[i % len(PALETTE)] for i in range(len(names))]
     prompts = [caption(name, color) for name, color in zip(names, colors)]
     start = time.time()
@@ -81,9 +81,10 @@ def evaluate(pipeline_dir: Path, seed: int = 0, limit: int = 0, batch_size: int 
 
 def markdown(results: dict, grid_path: str) -> str:
     r = results
-    return f"""Measured by `python benchmarks/emoji_metrics.py` on `{r['pipeline']}`: one image per pretrained emoji
-({r['prompts']} prompts "a <name> emoji on a <colour> background", colours cycling through the 8-colour
-palette), {r['sampler']} with {r['steps']} steps, guidance {r['guidance_scale']}, seeds {r['seed']}+i.
+    return f"""Measured by `python benchmarks/emoji_metrics.py` on `{r['pipeline']}`: {r['prompts']} prompts
+"a <name> emoji on a <colour> background", {r['prompts'] // r['pretrained_classes']} per pretrained emoji, colours
+cycling through the 8-colour palette; {r['sampler']}, {r['steps']} steps, guidance {r['guidance_scale']}, seeds
+{r['seed']}+i.
 
 | metric | value |
 |---|---|
@@ -103,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", type=Path, default=None, help="Pipeline folder (default: the shipped one).")
     parser.add_argument("--limit", type=int, default=0, help="Only the first N pretrained emoji (smoke runs).")
+    parser.add_argument("--per_class", type=int, default=2, help="Prompts (colours, seeds) per pretrained emoji.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
@@ -112,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipeline_dir = (args.pipeline or pretrained_emoji_path()).resolve()
-    results, images, rows = evaluate(pipeline_dir, args.seed, args.limit, steps=args.steps,
+    results, images, rows = evaluate(pipeline_dir, args.seed, args.limit, args.per_class, steps=args.steps,
                                      guidance=args.guidance_scale)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "emoji_metrics.json").write_text(json.dumps({"results": results, "samples": rows}, indent=1))

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""Quickstart: DreamBooth with Lie adapters end to end, offline, in a few minutes on a CPU.
+"""Quickstart: teach the pretrained tiny emoji model a new subject with a Lie adapter (DreamBooth), offline.
 
-1. builds a tiny Stable Diffusion pipeline from configs (random weights, 32 px; no download);
-2. draws a few instance images of a made-up subject ("sks toy");
-3. runs the real training script through `accelerate launch` for a few steps;
-4. loads the trained adapter into a `DiffusionPipeline` and generates an image;
-5. merges the adapter into the base weights and checks that the merged pipeline gives the same image.
+1. loads the tiny Stable Diffusion pipeline shipped with lie-diffusion (pretrained on 32 px emoji);
+2. makes 4 pictures of an emoji it never saw (a held-out subject) as the instance images;
+3. runs the real training script through `accelerate launch`, with prior preservation on class
+   images that the base model generates;
+4. generates "a sks emoji", "a sks emoji on a blue background" and the class prompt with the base,
+   the adapted and the merged model, and saves one labelled comparison grid;
+5. measures: the emoji classifier's embedding similarity to the subject, base vs adapted, and the
+   largest difference between merged and adapted images (round-off).
 
-    python examples/quickstart.py [--output_dir quickstart-output] [--max_train_steps 40]
-
-The tiny model only shows that the pieces fit; for a real run, swap in a real model and photos
-(see the README for SD 1.5 / SD 2.1 command lines).
+    python examples/quickstart.py [--subject rocket] [--max_train_steps 300] [--output_dir quickstart-output]
 """
 
 from __future__ import annotations
@@ -29,32 +29,53 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from examples.synthetic_data import make_instance_images  # noqa: E402
 from lie_diffusion import load_lie_weights, merge_lie_weights  # noqa: E402
-from lie_diffusion.tiny import TINY_RESOLUTION, build_tiny_pipeline  # noqa: E402
+from lie_diffusion.emoji.classifier import load_classifier, reference_embedding, subject_similarity  # noqa: E402
+from lie_diffusion.emoji.data import IMAGE_SIZE, HELD_OUT, caption, load_renders, random_example  # noqa: E402
+from lie_diffusion.emoji.grid import save_grid  # noqa: E402
+from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, NUM_INFERENCE_STEPS, pretrained_emoji_path,  # noqa: E402
+                                          pretrained_emoji_pipeline)
 
-PROMPT = "a photo of sks toy"
-VALIDATION_PROMPT = "a photo of sks toy on the grass"
+INSTANCE_PROMPT = "a sks emoji"
+CLASS_PROMPT = caption(None)  # "an emoji"
+PROMPTS = [INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a blue background", caption(None, "blue")]
+INSTANCE_COLORS = ("white", "yellow", "green", "purple")  # blue stays unseen: the prompt must compose it
+SEEDS = (0, 1)
 
 
-def train(base: Path, instances: Path, output: Path, steps: int) -> None:
-    """The same command a user types, with a tiny model; `accelerate launch` flags given so it never prompts."""
+def make_instance_images(subject: str, directory: Path) -> list[np.ndarray]:
+    """4 pictures of the subject with different size, place and background, as a person's photos would vary."""
+    renders = load_renders()
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    images = [random_example(renders, renders.index(subject), rng, color)[0] for color in INSTANCE_COLORS]
+    for n, image in enumerate(images):
+        Image.fromarray(image).save(directory / f"{n}.png")
+    return images
+
+
+def train(base: Path, instances: Path, classes: Path, output: Path, args) -> None:
+    """The command a user types; `accelerate launch` flags given so it never prompts."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO / "train_scripts" / "train_dreambooth_lie.py"),
         "--pretrained_model_name_or_path", str(base),
         "--instance_data_dir", str(instances),
-        "--instance_prompt", PROMPT,
-        "--resolution", str(TINY_RESOLUTION),
-        "--train_batch_size", "2",
-        "--learning_rate", "1e-3",
+        "--instance_prompt", INSTANCE_PROMPT,
+        "--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", CLASS_PROMPT,
+        "--num_class_images", str(args.num_class_images), "--sample_batch_size", str(args.num_class_images),
+        "--resolution", str(IMAGE_SIZE),
+        "--train_batch_size", "4",
+        "--rank", "4",
+        "--learning_rate", str(args.learning_rate),
         "--lr_warmup_steps", "0",
-        "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(max(1, steps // 2)),
-        "--validation_prompt", VALIDATION_PROMPT,
+        "--max_train_steps", str(args.max_train_steps),
+        "--checkpointing_steps", str(max(1, args.max_train_steps // 2)),
+        "--validation_prompt", PROMPTS[1],
         "--num_validation_images", "2",
-        "--num_inference_steps", "10",
+        "--validation_epochs", str(max(1, args.max_train_steps)),
+        "--num_inference_steps", str(args.num_inference_steps),
         "--seed", "0",
         "--output_dir", str(output),
     ]
@@ -64,57 +85,79 @@ def train(base: Path, instances: Path, output: Path, steps: int) -> None:
     subprocess.run(command, check=True, env=env)
 
 
-def generate(pipeline, seed: int = 0) -> np.ndarray:
-    generator = torch.Generator().manual_seed(seed)
-    return pipeline(VALIDATION_PROMPT, num_inference_steps=10, generator=generator, output_type="np").images[0]
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray((array * 255).round().astype(np.uint8)).save(path)
+def generate(pipeline, steps: int) -> list[np.ndarray]:
+    """Every prompt at every seed, in that order; float (32, 32, 3) images in [0, 1]."""
+    images = []
+    for prompt in PROMPTS:
+        generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
+        images += list(pipeline([prompt] * len(SEEDS), num_inference_steps=steps,
+                                 guidance_scale=GUIDANCE_SCALE, generator=generators, output_type="np").images)
+    return images
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=Path, default=Path("quickstart-output"))
-    parser.add_argument("--max_train_steps", type=int, default=40)
+    parser.add_argument("--subject", default="rocket", choices=HELD_OUT, help="A held-out emoji to learn.")
+    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--num_class_images", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--num_inference_steps", type=int, default=NUM_INFERENCE_STEPS)
+    parser.add_argument("--pretrained", type=Path, default=None, help="Another tiny emoji pipeline folder.")
     args = parser.parse_args()
     root = args.output_dir.resolve()
     torch.set_num_threads(1)  # tiny tensors: more threads only add overhead (10x on a busy CPU)
 
-    print(f"[1/5] Building a tiny Stable Diffusion pipeline in {root / 'tiny-sd'}", flush=True)
-    base = build_tiny_pipeline(root / "tiny-sd")
-    print(f"[2/5] Drawing instance images in {root / 'instance-images'}", flush=True)
-    instances = root / "instance-images"
-    make_instance_images(instances, count=4, size=48)
+    base = (args.pretrained or pretrained_emoji_path()).resolve()
+    print(f"[1/5] Loading the pretrained tiny emoji pipeline from {base}", flush=True)
+    pipeline = pretrained_emoji_pipeline(base)
+    print(f"[2/5] Instance images of the held-out emoji {args.subject!r} in {root / 'instance-images'}", flush=True)
+    instance_images = make_instance_images(args.subject, root / "instance-images")
 
-    print(f"[3/5] Training ({args.max_train_steps} steps)", flush=True)
+    print(f"[3/5] DreamBooth with a Lie adapter ({args.max_train_steps} steps, prior preservation on "
+          f"{args.num_class_images} base-model images of {CLASS_PROMPT!r})", flush=True)
     output = root / "lie-dreambooth"
-    train(base, instances, output, args.max_train_steps)
+    train(base, root / "instance-images", root / "class-images", output, args)
 
-    print("[4/5] Loading the adapter into a DiffusionPipeline and generating", flush=True)
-    from diffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(str(base), safety_checker=None)
-    pipeline.set_progress_bar_config(disable=True)
-    before = generate(pipeline)
+    print("[4/5] Generating with the base, the adapted and the merged model", flush=True)
+    base_images = generate(pipeline, args.num_inference_steps)
     load_lie_weights(pipeline, output)
-    adapted = generate(pipeline)
-    print(f"      max |adapted - base|   = {np.abs(adapted - before).max():.4f}  (the adapter changes the model)")
-
-    print("[5/5] Merging the adapter into the base weights", flush=True)
+    adapted_images = generate(pipeline, args.num_inference_steps)
     merge_lie_weights(pipeline)
-    merged = generate(pipeline)
-    print(f"      max |merged - adapted| = {np.abs(merged - adapted).max():.2e}  (merging is exact up to round-off)")
-    for name, image in (("base", before), ("adapted", adapted), ("merged", merged)):
-        save_png(image, root / f"sample_{name}.png")
+    merged_images = generate(pipeline, args.num_inference_steps)
+    difference = max(float(np.abs(a - m).max()) for a, m in zip(adapted_images, merged_images))
 
+    print("[5/5] Measuring with the emoji classifier", flush=True)
+    classifier = load_classifier()
+    reference = reference_embedding(classifier, load_renders(), args.subject)
+    sks = slice(0, 2 * len(SEEDS))  # the two "a sks emoji ..." prompts
+    similarity = {name: float(subject_similarity(classifier, np.stack(images[sks]), reference).mean())
+                  for name, images in (("base", base_images), ("adapted", adapted_images))}
+    named = {name: sum(p == args.subject for p in classifier.predict(np.stack(images[sks])))
+             for name, images in (("base", base_images), ("adapted", adapted_images))}
+    columns = len(PROMPTS) * len(SEEDS)
+    labels = [f"instance image {n + 1}" for n in range(len(instance_images))] + [""] * (columns - len(instance_images))
+    blank = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
+    cells = instance_images + [blank] * (columns - len(instance_images))  # grid takes uint8 or [0, 1] floats
+    for images in (base_images, adapted_images, merged_images):
+        cells += images
+        labels += [f"{prompt} (seed {seed})" for prompt in PROMPTS for seed in SEEDS]
+    grid = save_grid(root / "comparison.png", cells, labels, columns=columns, scale=4, label_lines=3,
+                     row_titles=[f"subject: {args.subject}", "base", "adapted (Lie)", "merged"])
+
+    print(f"      subject similarity (classifier embedding cosine, 'sks' prompts): "
+          f"base {similarity['base']:.3f} -> adapted {similarity['adapted']:.3f}")
+    print(f"      classifier names the subject: base {named['base']}/{2 * len(SEEDS)}, "
+          f"adapted {named['adapted']}/{2 * len(SEEDS)}")
+    print(f"      max |merged - adapted| = {difference:.2e}  (pixels in [0, 1]; merging is exact up to round-off)")
     print("\nOutputs:")
+    print(f"  comparison grid   {grid}")
     print(f"  adapter weights   {output / 'pytorch_lora_weights.safetensors'}")
     print(f"  model card        {output / 'README.md'}")
     print(f"  checkpoints       {output}/checkpoint-*")
     print(f"  validation grids  {output / 'validation'}")
     print(f"  TensorBoard logs  {output / 'logs'}   (tensorboard --logdir {output / 'logs'})")
-    print(f"  samples           {root}/sample_{{base,adapted,merged}}.png")
+    print(f"  instance / class  {root / 'instance-images'}  {root / 'class-images'}")
 
 
 if __name__ == "__main__":

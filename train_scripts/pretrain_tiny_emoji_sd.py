@@ -6,7 +6,7 @@
 With the defaults and `--seed 0` this reproduces the shipped pipeline (on the same hardware class;
 CPU and GPU kernels differ in round-off). Stage 1 trains the AutoencoderKL on reconstruction (plus
 SD's tiny KL term) and sets its `scaling_factor` to 1/std of the latents. Stage 2 trains the
-CLIPTextModel and the UNet together on the DDPM epsilon loss with min-SNR weighting, keeping an
+CLIPTextModel and the UNet together on the plain DDPM v-prediction loss, keeping an
 exponential moving average (EMA) of both; the EMA weights are what gets saved. Training images are
 drawn fresh each step: a render at a random size and position on a random palette background,
 captioned "a <name> emoji on a <colour> background" (sometimes without the colour, sometimes the
@@ -41,15 +41,17 @@ def parse_args(argv=None):
     parser.add_argument("--num_classes", type=int, default=64,
                         help="Pretrain on this many emoji (a seeded choice among the non-held-out ones); 0 = all.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae_steps", type=int, default=300)
+    parser.add_argument("--vae_steps", type=int, default=500)
     parser.add_argument("--vae_batch_size", type=int, default=32)
-    parser.add_argument("--vae_learning_rate", type=float, default=1e-3)
-    parser.add_argument("--train_steps", type=int, default=1500)
+    parser.add_argument("--vae_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--train_steps", type=int, default=3000)
     parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--learning_rate", type=float, default=1.5e-3)
     parser.add_argument("--warmup_steps", type=int, default=100)
     parser.add_argument("--ema_decay", type=float, default=0.995)
-    parser.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting; 0 turns it off.")
+    parser.add_argument("--snr_gamma", type=float, default=0.0,
+                        help="min-SNR-gamma loss weighting; 0 = off. Off by default: with v-prediction it nearly "
+                             "zeroes the high-noise steps, where the text must decide colour and layout.")
     parser.add_argument("--uncond_prob", type=float, default=0.1, help="Empty captions, for guidance.")
     parser.add_argument("--no_color_prob", type=float, default=0.1, help="Captions without the colour.")
     parser.add_argument("--generic_prob", type=float, default=0.05, help="'an emoji on a ... background' captions.")
@@ -155,9 +157,12 @@ def train_diffusion(accelerator, vae, text_encoder, tokenizer, unet, noise_sched
                                   device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        if args.snr_gamma:
-            per_sample = per_sample * torch.clamp(snr[timesteps], max=args.snr_gamma) / snr[timesteps]
+        v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        if args.snr_gamma:  # min-SNR-gamma weighting, written for the target in use
+            s = snr[timesteps]
+            per_sample = per_sample * torch.clamp(s, max=args.snr_gamma) / (s + 1 if v_prediction else s)
         loss = per_sample.mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)

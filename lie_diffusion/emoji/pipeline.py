@@ -4,7 +4,7 @@ Real diffusers/transformers classes at toy width, so every default Lie target ex
 `AutoencoderKL` that downsamples by 2 (32 px images <-> 16x16x4 latents), a `CLIPTextModel` read
 through the byte-level CLIP tokenizer of `lie_diffusion.tiny`, a `UNet2DConditionModel` with SD's
 block types (DownBlock2D / CrossAttnDownBlock2D / CrossAttnUpBlock2D / UpBlock2D), DDPM's linear
-noise schedule for training and DPM-Solver++ for sampling. `train_scripts/pretrain_tiny_emoji_sd.py`
+noise schedule with v-prediction for training and DPM-Solver++ for sampling. `train_scripts/pretrain_tiny_emoji_sd.py`
 trains it from scratch on the emoji data set.
 """
 
@@ -38,8 +38,10 @@ UNET_CONFIG = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     norm_num_groups=16, cross_attention_dim=96, attention_head_dim=4,
 )
+# v-prediction: at high noise the target is (minus) the clean latent, so the background colour and the
+# layout, which a short CPU run must learn first, get a strong signal (epsilon-prediction learned them slowly).
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                      prediction_type="epsilon")
+                      prediction_type="v_prediction")
 
 
 def write_tokenizer(directory: str | Path):
