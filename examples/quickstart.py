@@ -10,7 +10,7 @@
 5. measures: the emoji classifier's embedding similarity to the subject, base vs adapted, and the
    largest difference between merged and adapted images (round-off).
 
-    python examples/quickstart.py [--subject rocket] [--max_train_steps 300] [--output_dir quickstart-output]
+    python examples/quickstart.py [--subject rocket] [--max_train_steps 1000] [--output_dir quickstart-output]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=Path, default=Path("quickstart-output"))
     parser.add_argument("--subject", default="rocket", choices=HELD_OUT, help="A held-out emoji to learn.")
-    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--max_train_steps", type=int, default=1000)
     parser.add_argument("--num_class_images", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--num_inference_steps", type=int, default=NUM_INFERENCE_STEPS)
