@@ -261,7 +261,7 @@ def compiled_table(compiled) -> list[str]:
     return [f"#### torch.compile ({c['backend']}), {c['unet_params'] / 1e6:.1f} M-param UNet (block_out_channels "
             f"{'/'.join(map(str, c['block_out_channels']))}), {c['latent']}×{c['latent']} latents, batch {c['batch']}, "
             f"fwd+bwd, medians of {c['reps']} interleaved rounds", "",
-            B.md_table(["method", "compiled fwd+bwd s", "× compiled floor", "graph breaks (dynamo explain)",
+            B.md_table(["method", "compiled fwd+bwd s", "× compiled floor", "graph breaks (dynamo counters)",
                         "compile s"],
                        [[k, f"{v['fwd_bwd_s']:.3f}", f"{v['x_floor']:.2f}", v["graph_breaks"], f"{v['compile_s']:.0f}"]
                         for k, v in m.items()])]
