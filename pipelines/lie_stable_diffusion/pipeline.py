@@ -10,4 +10,8 @@ The class lives in the installed package (`pip install lie-diffusion`); this fol
 
 from lie_diffusion.pipelines import LieStableDiffusionPipeline
 
+# diffusers runs every local community `pipeline.py` into one cached module: drop the class a previous
+# load of the other lie-diffusion folder left there, or it finds two pipeline classes and refuses.
+globals().pop("LieStableDiffusionXLPipeline", None)
+
 __all__ = ["LieStableDiffusionPipeline"]
