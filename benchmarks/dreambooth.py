@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """DreamBooth fidelity: do Lie adapters learn a new subject better than LoRA, LoCon and HiRA at an equal budget?
 
-    python benchmarks/dreambooth.py                              # default size (see --help for the estimate)
-    python benchmarks/dreambooth.py --subjects 2 --seeds 1 --steps 100 --readme none   # a smaller run
+    python benchmarks/dreambooth.py --jobs 2                     # default size: 147 runs
+    python benchmarks/dreambooth.py --subjects 2 --seeds 1 --val-subjects 0 --jobs 3   # what fits ~10 min here
+
+The default size (6 subjects x 3 seeds, a 3-lr sweep per method) does not fit an hour on a shared 2-core
+CPU: at the measured ~86 s per run it is ~3.5 h in one process. Split it with `--jobs N` (worker
+processes) or run it smaller with `--subjects`, `--seeds`, `--steps`, `--val-subjects 0`; each run's
+record also lands in <workdir>/runs.jsonl as it finishes.
 
 Model: the shipped pretrained emoji pipeline (`lie_diffusion.emoji.pipeline`), 32 px images; judge:
 the shipped emoji classifier, which knows every emoji, the held-out DreamBooth subjects included.
@@ -24,8 +29,9 @@ without being told which method made it:
   held-out renders of the subject (fresh sizes/positions/colours: the DINO analogue);
 - prompt fidelity: for "a sks emoji on a <colour> background" (each palette colour), how often the
   border has the asked colour, and the subject similarity of those images;
-- prior preservation: classifier accuracy on "a <name> emoji" for emoji the pipeline was pretrained
-  on, before and after fine-tuning;
+- prior preservation: for "a <name> emoji on a <colour> background" with emoji the pipeline was
+  pretrained on, before and after fine-tuning: the classifier's accuracy, and (graded) the cosine of
+  each image to its emoji's renders;
 - held-out denoising loss (the training objective) of "a sks emoji" on unseen pictures of the subject
   (fixed noise and timesteps).
 Sampling: the pipeline's DPM-Solver++ at its default steps and guidance, fixed seeds per prompt.
@@ -270,7 +276,8 @@ class Judge:
     def prompts(self) -> dict[str, list[str]]:
         return {"subject": [INSTANCE_PROMPT] * self.subject_images,
                 "colour": [caption(INSTANCE_NAME, c) for c in PALETTE],
-                "prior": [caption(n) for n in self.prior_names]}
+                # as the pipeline was pretrained: "a <name> emoji on a <colour> background", colours cycling
+                "prior": [caption(n, list(PALETTE)[i % len(PALETTE)]) for i, n in enumerate(self.prior_names)]}
 
     def sample(self, pipeline) -> dict[str, np.ndarray]:
         """uint8 images per prompt group; one batch, image i always from seed i (the same for every pipeline)."""
@@ -636,7 +643,7 @@ def render(results: dict, grid_path: str) -> str:
         "",
         B.md_table(headers, rows),
         "",
-        f"Prior: {len(results['prior_names'])} prompts \"a <name> emoji\" for pretrained emoji, scored by the classifier's "
+        f"Prior: {len(results['prior_names'])} prompts \"a <name> emoji on a <colour> background\" for pretrained emoji, scored by the classifier's "
         f"top-1 (base model {base['prior_accuracy']:.3f}) and by each image's cosine to its emoji's renders (base "
         f"{base['prior_similarity']:.3f}). Similarities: cosines in the classifier's embedding, higher is better; "
         "held-out loss: lower is better.",

@@ -1,0 +1,98 @@
+"""The DreamBooth fidelity benchmark at its smallest size, on the shipped pretrained emoji pipeline."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import dreambooth as D  # noqa: E402
+from lie_diffusion import training  # noqa: E402
+from lie_diffusion.emoji.pipeline import pretrained_emoji_path  # noqa: E402
+
+README = "# x\n\n<!-- bench:dreambooth:start -->\nSTALE\n<!-- bench:dreambooth:end -->\nkeep\n"
+CONV = re.compile(r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(down|up)samplers\.0\.conv)")
+ATTN = re.compile(r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)")
+
+
+def factor_sizes(unet):
+    """Per unit of rank: what a rank-r A·B pair costs on the targeted convs, and on the attention projections."""
+    conv = sum(m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels
+               for n, m in unet.named_modules() if isinstance(m, nn.Conv2d) and CONV.fullmatch(n))
+    attn = sum(m.in_features + m.out_features for n, m in unet.named_modules()
+               if isinstance(m, nn.Linear) and ATTN.fullmatch(n))
+    return conv, attn
+
+
+@pytest.fixture(scope="module")
+def smallest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dreambooth")
+    readme = out / "README.md"
+    readme.write_text(README)
+    original = training.add_adapters, training.finish_training
+    D.main(["--subjects", "1", "--seeds", "1", "--steps", "1", "--val-subjects", "0", "--rank", "2",
+            "--class-images", "1", "--subject-images", "1", "--prior-prompts", "2", "--sample-steps", "2",
+            "--out", str(out), "--readme", str(readme)])
+    assert (training.add_adapters, training.finish_training) == original  # the swap is undone
+    return out, json.loads((out / "dreambooth.json").read_text()), readme.read_text()
+
+
+def test_equal_budget_matches_the_factor_formula(smallest):
+    from diffusers import UNet2DConditionModel
+
+    _, results, _ = smallest
+    unet = UNet2DConditionModel.from_pretrained(str(pretrained_emoji_path() / "unet"))
+    conv, attn = factor_sizes(unet)
+    budget = results["budget"]
+    counts = budget["trainable_params"]
+    for name in ("lie-default", "lie-taylor", "lie-attn-lie", "lora-conv-attn", "lycoris-locon", "hira-conv-lora-attn"):
+        assert counts[name] == 2 * (conv + attn), name
+    # attention-only LoRA: the rank whose total is closest to the others'
+    assert counts["lora-attn"] == budget["attn_only_rank"] * attn
+    assert all(abs(counts["lora-attn"] - 2 * (conv + attn)) <= abs(r * attn - 2 * (conv + attn))
+               for r in range(1, 4 * budget["attn_only_rank"]))
+
+
+def test_every_method_trains_and_is_scored(smallest):
+    out, results, readme = smallest
+    runs = results["runs"]
+    assert sorted(r["method"] for r in runs) == sorted(m.name for m in D.METHODS)
+    base = results["base"]["per_subject"]["dog face"]
+    for r in runs:
+        assert -1 <= r["subject_similarity"] <= 1 and -1 <= r["colour_subject_similarity"] <= 1
+        assert all(0 <= r[k] <= 1 for k in ("subject_top1", "colour_accuracy", "prior_accuracy"))
+        assert -1 <= r["prior_similarity"] <= 1
+        assert r["heldout_loss"] > 0 and r["heldout_loss"] != base["heldout_loss"], r["method"]  # the adapter moved
+    summary = results["summary"]
+    assert "vs_reference" not in summary["lie-default"]
+    assert summary["lora-attn"]["vs_reference"]["heldout_loss"]["pairs"] == 1
+    text = readme
+    assert "STALE" not in text and text.endswith("<!-- bench:dreambooth:end -->\nkeep\n")
+    assert all(f"| {m.name} |" in text for m in D.METHODS) and "**A reduced run**" in text
+    with Image.open(out / "dreambooth_samples.png") as grid:
+        assert grid.height > 9 * 32 * 3  # held-out render, base model and one row per method
+
+
+def test_choose_lr_weighs_fidelity_against_forgetting():
+    def record(lr, sim, prior):
+        return {"lr": lr, "subject_similarity": sim, "prior_similarity": prior}
+
+    # 1e-2 gains 0.3 in subject likeness but loses 0.5 on the other emoji; 3e-3 nets the most (two subjects each)
+    records = [record(1e-3, 0.5, 0.8), record(1e-3, 0.5, 0.8), record(3e-3, 0.6, 0.75), record(3e-3, 0.7, 0.75),
+               record(1e-2, 0.9, 0.3), record(1e-2, 0.9, 0.3)]
+    assert D.choose_lr(records) == 3e-3
+    assert D.choose_lr(records[:2] + records[4:]) == 1e-3
+
+
+def test_subjects_are_held_out():
+    from lie_diffusion.emoji.data import HELD_OUT
+
+    assert set(D.TEST_SUBJECTS) <= set(HELD_OUT) and set(D.VALIDATION_SUBJECTS) <= set(HELD_OUT)
+    assert not set(D.TEST_SUBJECTS) & set(D.VALIDATION_SUBJECTS)
+    assert len(D.TEST_SUBJECTS) >= 6  # the issue's minimum
