@@ -433,5 +433,13 @@ def update_readme(section: str, markdown: str, readme: Path = README) -> None:
     readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
 
 
+def publish(name: str, data: dict, markdown: str, out_dir=RESULTS_DIR, readme="none") -> None:
+    """A finished run: results/<name>.{json,md}, the README section (unless readme is 'none'), stdout."""
+    write_results(name, data, markdown, out_dir)
+    if str(readme) != "none":
+        update_readme(name, markdown, Path(readme))
+    print(markdown)
+
+
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)

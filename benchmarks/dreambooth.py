@@ -712,10 +712,7 @@ def main(argv=None):
     grid = save_pictures(out / "dreambooth_samples.png", pictures)
     grid_ref = str(grid.relative_to(ROOT)) if grid.resolve().is_relative_to(ROOT) else str(grid)
     markdown = render(results, grid_ref)
-    B.write_results("dreambooth", results, markdown, out)
-    if args.readme != "none":
-        B.update_readme("dreambooth", markdown, Path(args.readme))
-    print(markdown)
+    B.publish("dreambooth", results, markdown, out, args.readme)
     return results
 
 

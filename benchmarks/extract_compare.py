@@ -139,10 +139,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results = run(args)
     markdown = render(results)
-    B.write_results("extract", results, markdown, args.out)
-    if args.readme != "none":
-        B.update_readme("extract", markdown, args.readme)
-    print(markdown)
+    B.publish("extract", results, markdown, args.out, args.readme)
     return results
 
 

@@ -260,11 +260,8 @@ def main(argv=None):
 
     results, samples = run(args)
     markdown = render(results)
-    B.write_results("quality", results, markdown, args.out)
+    B.publish("quality", results, markdown, args.out, args.readme)
     save_grid(samples, f"{args.out}/quality_samples.png")
-    if args.readme != "none":
-        B.update_readme("quality", markdown, args.readme)
-    print(markdown)
     return results
 
 

@@ -346,10 +346,7 @@ def main(argv=None):
     if args.files_size != "none":
         results["files"] = bench_files(args.files_size, args.rank, args.file_reps)
     markdown = render(results)
-    B.write_results("speed", results, markdown, args.out)
-    if args.readme != "none":
-        B.update_readme("speed", markdown, args.readme)
-    print(markdown)
+    B.publish("speed", results, markdown, args.out, args.readme)
     return results
 
 
