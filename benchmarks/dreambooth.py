@@ -6,8 +6,10 @@
 
 The default size (6 subjects x 3 seeds, a 3-lr sweep per method) does not fit an hour on a shared 2-core
 CPU: at the measured ~86 s per run it is ~3.5 h in one process. Split it with `--jobs N` (worker
-processes) or run it smaller with `--subjects`, `--seeds`, `--steps`, `--val-subjects 0`; each run's
-record also lands in <workdir>/runs.jsonl as it finishes.
+processes), or across several invocations with one `--workdir`: each finished run is kept there
+(runs.jsonl) and a later invocation with the same flags reuses it, so an interrupted run resumes and
+`--seeds 1`, then `--seeds 2`, then `--seeds 3` adds one seed at a time. Or run it smaller with
+`--subjects`, `--seeds`, `--steps`, `--val-subjects 0`.
 
 Model: the shipped pretrained emoji pipeline (`lie_diffusion.emoji.pipeline`), 32 px images; judge:
 the shipped emoji classifier, which knows every emoji, the held-out DreamBooth subjects included.
@@ -43,6 +45,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -65,7 +68,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import benchlib as B  # noqa: E402
 from benchmarks.emoji_metrics import generate  # noqa: E402
 from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, read_lie_file, training  # noqa: E402
-from lie_diffusion.emoji.classifier import load_classifier, reference_embedding  # noqa: E402
+from lie_diffusion.emoji.classifier import CLASSIFIER_FILE, load_classifier, reference_embedding  # noqa: E402
 from lie_diffusion.emoji.data import PALETTE, caption, load_renders, random_example  # noqa: E402
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
 from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, NUM_INFERENCE_STEPS, pretrained_emoji_path,  # noqa: E402
@@ -349,7 +352,8 @@ class Bench:
         self.args, self.workdir, self.log = args, workdir, log
         self.pipeline_dir = Path(args.pipeline).resolve() if args.pipeline else pretrained_emoji_path()
         self.renders = load_renders()
-        self.classifier = load_classifier(args.classifier) if args.classifier else load_classifier()
+        self.classifier_file = Path(args.classifier) if args.classifier else CLASSIFIER_FILE
+        self.classifier = load_classifier(self.classifier_file)
         names = trained_classes(self.pipeline_dir)
         pick = np.linspace(0, len(names) - 1, min(args.prior_prompts, len(names))).round().astype(int)
         prior_names = [names[i] for i in pick]
@@ -457,6 +461,50 @@ def _run_in_worker(task: tuple) -> tuple[dict, dict]:
     return _WORKER.run(*task)
 
 
+# Flags that change a run's result; a finished run is reused only under the same values (see `finished_runs`).
+RESULT_FLAGS = ("steps", "rank", "batch", "class_images", "subject_images", "prior_prompts", "sample_steps",
+                "guidance", "pipeline", "classifier")
+
+
+def setup_key(args, methods: dict[str, Method], pipeline_dir: Path, classifier_file: Path) -> str:
+    """What a finished run's result depends on besides its task: flags, methods, and the model and judge
+    files themselves (a retrained pipeline in the same folder is another setup)."""
+    setup = {k: getattr(args, k) for k in RESULT_FLAGS}
+    setup["methods"] = {name: [m.script_flags, m.peer] for name, m in methods.items()}
+    files = sorted(pipeline_dir.rglob("*.safetensors")) + [classifier_file]
+    setup["files"] = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    return json.dumps(setup, sort_keys=True)
+
+
+def keep_run(workdir: Path, setup: str, record: dict, sample: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Each finished run goes to <workdir>/runs.jsonl (and its first sample to samples/) as it comes, so an
+    interrupted or split benchmark keeps it: running again with the same --workdir and flags reuses it."""
+    from PIL import Image
+
+    name = f"{record['method']}-{slug(record['subject'])}-seed{record['seed']}-lr{record['lr']:g}.png"
+    (workdir / "samples").mkdir(exist_ok=True)
+    Image.fromarray(sample).save(workdir / "samples" / name)
+    with open(workdir / "runs.jsonl", "a") as handle:
+        handle.write(json.dumps({**record, "setup": setup, "sample": name}) + "\n")
+    return record, sample
+
+
+def finished_runs(workdir: Path, setup: str) -> dict[tuple, tuple[dict, np.ndarray]]:
+    """task -> (record, sample) for the runs in <workdir>/runs.jsonl made with this exact setup."""
+    from PIL import Image
+
+    done = {}
+    path = workdir / "runs.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.pop("setup", None) != setup:
+            continue
+        with Image.open(workdir / "samples" / record.pop("sample")) as image:
+            sample = np.asarray(image.convert("RGB"))
+        done[(record["method"], record["subject"], record["seed"], record["lr"])] = record, sample
+    return done
+
+
 def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)  # first: the script's own basicConfig(INFO) is then a no-op
@@ -472,11 +520,10 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
     log(f"base model: prior accuracy {base_prior['prior_accuracy']:.3f}, similarity {base_prior['prior_similarity']:.3f} "
         f"on {len(bench.judge.prior_names)} pretrained emoji")
 
-    def keep(record: dict) -> dict:
-        """Each finished run also goes to <workdir>/runs.jsonl as it comes: an interrupted benchmark keeps them."""
-        with open(workdir / "runs.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        return record
+    setup = setup_key(args, bench.methods, bench.pipeline_dir, bench.classifier_file)
+    done = finished_runs(workdir, setup)
+    if done:
+        log(f"{len(done)} finished runs of this setup found in {workdir / 'runs.jsonl'}: reused, not run again")
 
     with contextlib.ExitStack() as stack:
         if args.jobs > 1:  # independent runs in worker processes, one thread each by default
@@ -485,15 +532,24 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
 
             pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                                            initializer=_start_worker, initargs=(args, workdir)))
-            run_all = functools.partial(pool.map, _run_in_worker)
+            run_fresh = functools.partial(pool.map, _run_in_worker)
         else:
-            run_all = functools.partial(map, lambda task: bench.run(*task))
+            run_fresh = functools.partial(map, lambda task: bench.run(*task))
+
+        def run_all(tasks):
+            """(record, first "a sks emoji" sample) per task, in order; finished runs come from `done`."""
+            fresh = iter(run_fresh([t for t in tasks if t not in done]))
+            for task in tasks:
+                if task not in done:
+                    record, images = next(fresh)
+                    done[task] = keep_run(workdir, setup, record, images["subject"][0])
+                yield done[task]
         # Phase 1: the learning rate of each method on the validation subjects (seed 0).
         names = list(bench.methods)
         grids = {name: args.lr_grid or LR_GRIDS.get(name, LR_GRIDS[REFERENCE]) for name in names}
         swept = [n for n in names if len(grids[n]) > 1 and validation]
         tasks = [(n, s, 0, lr) for n in swept for lr in grids[n] for s in validation]
-        sweep_records = [keep(record) for record, _ in run_all(tasks)]
+        sweep_records = [record for record, _ in run_all(tasks)]
         sweeps, chosen = {}, {}
         for name in names:
             if name in swept:
@@ -505,10 +561,10 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         # Phase 2: every method on every test subject and seed at its learning rate.
         tasks = [(n, s, seed, chosen[n]["lr"]) for n in names for s in subjects for seed in seeds]
         records, samples = [], {}
-        for record, images in run_all(tasks):
-            records.append(keep(record))
+        for record, sample in run_all(tasks):
+            records.append(record)
             if record["seed"] == seeds[0]:
-                samples[(record["method"], record["subject"])] = images["subject"][0]
+                samples[(record["method"], record["subject"])] = sample
     results = {
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "readme")},
         "subjects": subjects, "validation_subjects": validation, "seeds": seeds,
@@ -700,7 +756,8 @@ def main(argv=None):
     parser.add_argument("--classifier", default=None, help="classifier file (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per job)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, in worker processes")
-    parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the runs here and reuse the ones finished with the same flags (default: a temporary folder)")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
     parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
     args = parser.parse_args(argv)

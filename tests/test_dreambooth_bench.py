@@ -36,11 +36,13 @@ def smallest(tmp_path_factory):
     readme = out / "README.md"
     readme.write_text(README)
     original = training.add_adapters, training.finish_training
-    D.main(["--subjects", "1", "--seeds", "1", "--steps", "1", "--val-subjects", "0", "--rank", "2",
-            "--class-images", "1", "--subject-images", "1", "--prior-prompts", "2", "--sample-steps", "2",
-            "--out", str(out), "--readme", str(readme)])
+    D.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(out), "--readme", str(readme)])
     assert (training.add_adapters, training.finish_training) == original  # the swap is undone
     return out, json.loads((out / "dreambooth.json").read_text()), readme.read_text()
+
+
+SMALLEST = ["--subjects", "1", "--seeds", "1", "--steps", "1", "--val-subjects", "0", "--rank", "2",
+            "--class-images", "1", "--subject-images", "1", "--prior-prompts", "2", "--sample-steps", "2"]
 
 
 def test_equal_budget_matches_the_factor_formula(smallest):
@@ -96,3 +98,34 @@ def test_subjects_are_held_out():
     assert set(D.TEST_SUBJECTS) <= set(HELD_OUT) and set(D.VALIDATION_SUBJECTS) <= set(HELD_OUT)
     assert not set(D.TEST_SUBJECTS) & set(D.VALIDATION_SUBJECTS)
     assert len(D.TEST_SUBJECTS) >= 6  # the minimum
+
+
+def test_a_second_invocation_reuses_finished_runs_of_the_same_setup(smallest, monkeypatch, tmp_path):
+    out, results, _ = smallest
+    work = out / "work"
+    assert len((work / "runs.jsonl").read_text().splitlines()) == len(D.METHODS)
+
+    def must_not_train(*_):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(D.Bench, "run", must_not_train)
+    again = D.main([*SMALLEST, "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
+    assert again["runs"] == results["runs"]
+    # another setup (here: more steps) never takes those records
+    with pytest.raises(AssertionError, match="trained again"):
+        D.main([*SMALLEST[:5], "2", *SMALLEST[6:], "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
+
+
+def test_a_retrained_model_or_judge_is_another_setup(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(**{k: 1 for k in D.RESULT_FLAGS})
+    model = tmp_path / "model" / "unet"
+    model.mkdir(parents=True)
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v1")
+    judge = tmp_path / "judge.safetensors"
+    judge.write_bytes(b"judge v1")
+    key = D.setup_key(args, D.BY_NAME, tmp_path / "model", judge)
+    assert D.setup_key(args, D.BY_NAME, tmp_path / "model", judge) == key
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v2")
+    assert D.setup_key(args, D.BY_NAME, tmp_path / "model", judge) != key
