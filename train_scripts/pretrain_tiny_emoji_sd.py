@@ -38,17 +38,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=Path, required=True, help="Where the pipeline folder is written.")
     parser.add_argument("--data_file", type=Path, default=None, help="Emoji renders (default: the shipped file).")
-    parser.add_argument("--num_classes", type=int, default=64,
+    parser.add_argument("--num_classes", type=int, default=32,
                         help="Pretrain on this many emoji (a seeded choice among the non-held-out ones); 0 = all.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae_steps", type=int, default=500)
     parser.add_argument("--vae_batch_size", type=int, default=32)
     parser.add_argument("--vae_learning_rate", type=float, default=2e-3)
-    parser.add_argument("--train_steps", type=int, default=3000)
+    parser.add_argument("--train_steps", type=int, default=11000)
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1.5e-3)
     parser.add_argument("--warmup_steps", type=int, default=100)
-    parser.add_argument("--ema_decay", type=float, default=0.995)
+    parser.add_argument("--ema_decay", type=float, default=0.998)
     parser.add_argument("--snr_gamma", type=float, default=0.0,
                         help="min-SNR-gamma loss weighting; 0 = off. Off by default: with v-prediction it nearly "
                              "zeroes the high-noise steps, where the text must decide colour and layout.")
@@ -59,9 +59,9 @@ def parse_args(argv=None):
     parser.add_argument("--log_every", type=int, default=50)
     parser.add_argument("--max_minutes", type=float, default=0,
                         help="Safety stop: end stage 2 early (and say so) after this many minutes in all; 0 = never.")
-    parser.add_argument("--num_threads", type=int, default=1,
-                        help="torch CPU threads; 0 = torch's default. On a shared 2-core CPU one thread is several "
-                             "times faster than two (no spinning OpenMP barriers against other processes).")
+    parser.add_argument("--num_threads", type=int, default=0,
+                        help="torch CPU threads; 0 = torch's default (all cores). On a 2-core CPU that is busy "
+                             "with other work, 1 is faster (no spinning OpenMP barriers against other processes).")
     return parser.parse_args(argv)
 
 
