@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--subject", default="rocket", choices=HELD_OUT, help="A held-out emoji to learn.")
     parser.add_argument("--max_train_steps", type=int, default=1000)
     parser.add_argument("--num_class_images", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--num_inference_steps", type=int, default=NUM_INFERENCE_STEPS)
     parser.add_argument("--pretrained", type=Path, default=None, help="Another tiny emoji pipeline folder.")
     args = parser.parse_args()
