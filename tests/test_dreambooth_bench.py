@@ -129,3 +129,20 @@ def test_a_retrained_model_or_judge_is_another_setup(tmp_path):
     assert D.setup_key(args, D.BY_NAME, tmp_path / "model", judge) == key
     (model / "diffusion_pytorch_model.safetensors").write_bytes(b"weights v2")
     assert D.setup_key(args, D.BY_NAME, tmp_path / "model", judge) != key
+
+
+def test_tradeoff_reads_subject_similarity_at_equal_prior():
+    from benchmarks import dreambooth_tradeoff as T
+
+    def run(method, lr, prior, subject):
+        return {"method": method, "lr": lr, "prior_similarity": prior, "subject_similarity": subject}
+
+    runs = [run("a", 1e-3, 0.80, 0.40), run("a", 1e-3, 0.80, 0.50), run("a", 1e-2, 0.60, 0.70),
+            run("b", 1e-3, 0.70, 0.60)]
+    table = T.curves(runs)
+    assert table["a"] == [(1e-3, 0.80, 0.45), (1e-2, 0.60, 0.70)]
+    assert T.subject_at(table["a"], 0.70) == pytest.approx(0.575)  # half way between the two lrs
+    assert T.subject_at(table["a"], 0.85) is None and T.subject_at(table["b"], 0.70) == pytest.approx(0.60)
+    text = T.markdown({"command": "x", "runs": 4, "subjects": 1, "steps": 1, "minutes": 1, "jobs": 1,
+                       "lrs": [1e-3, 1e-2], "prior_levels": [0.7, 0.9], "curves": table})
+    assert "| 0.70 | 0.575 | 0.600 |" in text and "| 0.90 | — | — |" in text
