@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """DreamBooth fidelity: do Lie adapters learn a new subject better than LoRA, LoCon and HiRA at an equal budget?
 
-    python benchmarks/dreambooth.py --jobs 2                     # default size: 147 runs
-    python benchmarks/dreambooth.py --subjects 2 --seeds 1 --val-subjects 0 --jobs 3   # what fits ~10 min here
+    python benchmarks/dreambooth.py --jobs 2                     # default size: 147 runs, ~30 min here
+    python benchmarks/dreambooth.py --subjects 2 --seeds 1 --val-subjects 0 --jobs 2   # a few minutes
 
-The default size (6 subjects x 3 seeds, a 3-lr sweep per method) does not fit an hour on a shared 2-core
-CPU: at the measured ~86 s per run it is ~3.5 h in one process. Split it with `--jobs N` (worker
-processes), or across several invocations with one `--workdir`: each finished run is kept there
+The default size (6 subjects x 3 seeds, a 3-lr sweep per method) takes about 55 min in one process on
+a 2-core CPU (22 s per run, train + judge, measured with 2 jobs) and about half that with `--jobs 2`.
+Split it with `--jobs N` (worker processes), or across several invocations with one `--workdir`: each finished run is kept there
 (runs.jsonl) and a later invocation with the same flags reuses it, so an interrupted run resumes and
 `--seeds 1`, then `--seeds 2`, then `--seeds 3` adds one seed at a time. Or run it smaller with
 `--subjects`, `--seeds`, `--steps`, `--val-subjects 0`.
