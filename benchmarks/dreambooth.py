@@ -6,10 +6,10 @@
 
 The default size (6 subjects x 3 seeds, a 3-lr sweep per method) takes about 55 min in one process on
 a 2-core CPU (22 s per run, train + judge, measured with 2 jobs) and about half that with `--jobs 2`.
-Split it with `--jobs N` (worker processes), or across several invocations with one `--workdir`: each finished run is kept there
-(runs.jsonl) and a later invocation with the same flags reuses it, so an interrupted run resumes and
-`--seeds 1`, then `--seeds 2`, then `--seeds 3` adds one seed at a time. Or run it smaller with
-`--subjects`, `--seeds`, `--steps`, `--val-subjects 0`.
+Split it with `--jobs N` (worker processes), or across several invocations with one `--workdir`:
+each finished run is kept there (runs.jsonl) and a later invocation with the same flags reuses it, so
+an interrupted run resumes and `--seeds 1`, then `--seeds 2`, then `--seeds 3` adds one seed at a
+time. Or run it smaller with `--subjects`, `--seeds`, `--steps`, `--val-subjects 0`.
 
 Model: the shipped pretrained emoji pipeline (`lie_diffusion.emoji.pipeline`), 32 px images; judge:
 the shipped emoji classifier, which knows every emoji, the held-out DreamBooth subjects included.
@@ -757,7 +757,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per job)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, in worker processes")
     parser.add_argument("--workdir", default=None,
-                        help="keep the runs here and reuse the ones finished with the same flags (default: a temporary folder)")
+                        help="keep the runs here and reuse the ones finished with the same flags "
+                             "(default: a temporary folder)")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
     parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
     args = parser.parse_args(argv)

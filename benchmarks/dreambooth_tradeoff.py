@@ -32,15 +32,12 @@ from benchmarks import dreambooth as D  # noqa: E402
 
 def curves(runs: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
     """method -> [(lr, mean prior similarity, mean subject similarity)], by lr."""
-    out = {}
-    for method in sorted({r["method"] for r in runs}):
-        points = []
-        for lr in sorted({r["lr"] for r in runs if r["method"] == method}):
-            mine = [r for r in runs if r["method"] == method and r["lr"] == lr]
-            points.append((lr, statistics.mean(r["prior_similarity"] for r in mine),
-                           statistics.mean(r["subject_similarity"] for r in mine)))
-        out[method] = points
-    return out
+    groups: dict[str, dict[float, list[dict]]] = {}
+    for r in runs:
+        groups.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
+    return {method: [(lr, statistics.mean(r["prior_similarity"] for r in mine),
+                      statistics.mean(r["subject_similarity"] for r in mine)) for lr, mine in sorted(by_lr.items())]
+            for method, by_lr in sorted(groups.items())}
 
 
 def subject_at(points: list[tuple[float, float, float]], prior: float) -> float | None:
@@ -91,15 +88,17 @@ def main(argv=None):
         methods = [m for m in args.methods if lr in D.LR_GRIDS[m]]
         if not methods:
             continue
+        folder = Path(args.workdir)
         results = D.main(["--subjects", str(args.subjects), "--seeds", "1", "--val-subjects", "0", "--steps",
                           str(args.steps), "--jobs", str(args.jobs), "--lr-grid", str(lr), "--methods", *methods,
-                          "--workdir", str(Path(args.workdir) / f"lr{lr:g}"), "--out", str(Path(args.workdir) / f"out-lr{lr:g}"),
+                          "--workdir", str(folder / f"lr{lr:g}"), "--out", str(folder / f"out-lr{lr:g}"),
                           "--readme", "none"])
         runs += results["runs"]
     command = "python benchmarks/dreambooth_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    data = {"command": command, "lrs": args.lrs, "subjects": args.subjects, "steps": args.steps, "runs": len(runs), "jobs": args.jobs,
-            "minutes": sum(r["train_s"] + r["eval_s"] for r in runs) / 60 / args.jobs, "prior_levels": args.prior_levels,
-            "curves": curves(runs), "records": runs, "env": B.environment()}
+    data = {"command": command, "lrs": args.lrs, "subjects": args.subjects, "steps": args.steps,
+            "runs": len(runs), "jobs": args.jobs,
+            "minutes": sum(r["train_s"] + r["eval_s"] for r in runs) / 60 / args.jobs,
+            "prior_levels": args.prior_levels, "curves": curves(runs), "records": runs, "env": B.environment()}
     B.publish("dreambooth_tradeoff", data, markdown(data), Path(args.out), args.readme)
     return data
 
