@@ -12,6 +12,9 @@ adapters therefore compose exactly as exp(Σ Δᵢ), in any order, and scale -1 
 `lie_linear` / `lie_conv2d` run ONE linear / convolution with W'. Their backward recomputes W' from
 (W, A, B) instead of keeping it alive, so the full-size temporaries exist for one layer at a time
 (`keep_adapted=True` saves W' instead: no rebuild, one extra kernel held from forward to backward).
+Under torch.utils.checkpoint W' is always saved: the first pass drops what it saves, and the
+recomputation holds W' only until this layer's backward, so the rebuild is saved at no memory cost
+(two builds per step with checkpointing, as without, instead of three).
 
 The backward is written out. With G = dL/dW', dL/dΔ = G ⊙ W' for one exp adapter and G ⊙ W for one
 taylor adapter, so the single-adapter case (training) needs one weight-sized buffer for W' and turns G
@@ -251,6 +254,16 @@ def _forward(x, weight, bias, op, factors):
         return op.forward(x_c, adapted, None if bias is None else bias.to(dtype)), x_c, adapted
 
 
+def _under_checkpoint() -> bool:
+    """Whether tensors saved for backward now go through torch.utils.checkpoint's hooks (its first pass,
+    which drops them, or its recomputation, which holds them until the segment's backward)."""
+    if torch.compiler.is_compiling():
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint" and \
+        hooks[0].__qualname__.split(".")[0] in ("_checkpoint_hook", "_recomputation_hook")
+
+
 def _apply(x, weight, bias, factors: Sequence[LieFactor], op, keep_adapted: bool):
     if not factors:
         raise ValueError("A Lie op needs at least one adapter factor.")
@@ -261,7 +274,8 @@ def _apply(x, weight, bias, factors: Sequence[LieFactor], op, keep_adapted: bool
         return _forward(x, weight, bias, op, factors)[0]
     modes = tuple(f.mode for f in factors)
     scalings = tuple(float(f.scaling) for f in factors)
-    return _LieOp.apply(x, weight, bias, (op, modes, scalings, bool(keep_adapted)), *tensors)
+    keep = bool(keep_adapted) or _under_checkpoint()
+    return _LieOp.apply(x, weight, bias, (op, modes, scalings, keep), *tensors)
 
 
 def lie_linear(x, weight, bias, factors: Sequence[LieFactor], keep_adapted: bool = False) -> torch.Tensor:

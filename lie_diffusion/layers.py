@@ -445,8 +445,9 @@ def set_lie_speed_options(model: nn.Module, weight_cache: bool | None = None, ke
     model's speed. Memory: one extra kernel per adapted layer, the size of a fused model's weight, held
     until the layer is fused, disabled, moved, its adapter deleted or the cache switched off (released then).
     `keep_adapted` (default off): training saves W' for backward instead of rebuilding it, one extra kernel
-    per adapted layer from its forward to its backward. Under gradient checkpointing that is one
-    checkpointed block's kernels at a time.
+    per adapted layer from its forward to its backward. Inside blocks under gradient checkpointing W' is
+    always kept (it costs no memory across the step there; see `functional`), so the switch only
+    changes the layers outside them.
     """
     layers = [m for m in model.modules() if isinstance(m, LieLayerMixin)]
     for layer in layers:

@@ -5,6 +5,7 @@ formula (W' = W ⊙ exp(sBA) or W + W ⊙ sBA, then a plain conv / linear differ
 import copy
 import gc
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -325,7 +326,8 @@ def test_unet_cached_inference_matches_uncached_and_fused():
     torch.testing.assert_close(first, fused, rtol=1e-4, atol=1e-5)
 
 
-def grads(unet, checkpointing=False, keep_adapted=False):
+def grads(unet, checkpointing=False, keep_adapted=False, counts=None):
+    """Adapter gradients of one step; `counts` (a dict) gets the number of Lie layer calls and W' builds."""
     unet = copy.deepcopy(unet).train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -333,10 +335,21 @@ def grads(unet, checkpointing=False, keep_adapted=False):
     layers = [m for m in unet.modules() if isinstance(m, (LieConv2d, LieLinear))]
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in layers]
-    unet(**UNET_INPUTS).sample.square().mean().backward()
+    build = functional.lie_weight
+
+    builds = []
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return build(*args, **kwargs)
+
+    with mock.patch.object(functional, "lie_weight", counted):
+        unet(**UNET_INPUTS).sample.square().mean().backward()
     for hook in hooks:
         hook.remove()
     assert (len(calls) > len(layers)) == checkpointing  # checkpointed blocks ran their layers again in backward
+    if counts is not None:
+        counts.update(calls=len(calls), builds=len(builds))
     return {name: p.grad for name, p in unet.named_parameters() if p.requires_grad}
 
 
@@ -350,3 +363,19 @@ def test_gradient_checkpointing_and_keep_adapted_give_the_same_gradients(mode):
         assert got.keys() == reference.keys()
         for name in reference:
             torch.testing.assert_close(got[name], reference[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{options} {name}: {m}")
+
+
+def test_checkpointing_builds_each_kernel_twice_per_step_like_plain_training():
+    """Checkpointed blocks run forward twice; the recomputation keeps its W' for backward (no memory held
+    across the step), so a step still builds each W' twice: forward and recompute instead of forward and backward."""
+    unet = adapted_unet()
+    layers = sum(isinstance(m, (LieConv2d, LieLinear)) for m in unet.modules())
+    plain, checkpointed, kept, both = {}, {}, {}, {}
+    grads(unet, counts=plain)
+    grads(unet, checkpointing=True, counts=checkpointed)
+    grads(unet, keep_adapted=True, counts=kept)
+    grads(unet, checkpointing=True, keep_adapted=True, counts=both)
+    assert plain == dict(calls=layers, builds=2 * layers)
+    assert kept == dict(calls=layers, builds=layers)
+    assert checkpointed["calls"] > layers and checkpointed["builds"] == 2 * layers  # not 3 in checkpointed blocks
+    assert both["builds"] < 2 * layers  # and keep_adapted saves the rebuild of the layers outside them
