@@ -24,6 +24,7 @@ torch.compile traces the op, forward and backward, without a graph break.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Sequence
 
@@ -80,6 +81,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without a dispatch when it is already there (the op runs per layer per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _without_autocast(device_type: str):
+    """A context with autocast off, so the op casts once, itself; a plain no-op when autocast is not on."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _work_dtype(weight: torch.Tensor, factors: Sequence[LieFactor]) -> torch.dtype:
     """The dtype W' is built in: float32 at least, float64 when W or any factor is."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -95,7 +108,7 @@ def _single_adapted(weight: torch.Tensor, factor: LieFactor) -> torch.Tensor:
     _check_mode(factor.mode)
     dtype = _work_dtype(weight, [factor])
     scale = factor.scaling * (LOG2_E if factor.mode == "exp" else 1.0)
-    buffer = ((_flat(factor.B).to(dtype) * scale) @ _flat(factor.A).to(dtype)).view(weight.shape)
+    buffer = ((_as(_flat(factor.B), dtype) * scale) @ _as(_flat(factor.A), dtype)).view(weight.shape)
     (buffer.exp2_() if factor.mode == "exp" else buffer.add_(1)).mul_(weight)
     return buffer
 
@@ -112,7 +125,7 @@ def lie_weight(weight: torch.Tensor, factors: Sequence[LieFactor], dtype: torch.
         adapted = _single_adapted(weight, factors[0])
     else:
         adapted = weight * lie_multiplier(factors, weight.shape)
-    return adapted.to(dtype or weight.dtype)
+    return _as(adapted, dtype or weight.dtype)
 
 
 class _LinearOp:
@@ -177,19 +190,19 @@ class _LieOp(torch.autograd.Function):
         needs_factors = ctx.needs_input_grad[4:]
         factors = _factors(factor_tensors, ctx.scalings, ctx.modes)
         needs_grad_w = needs_w or any(needs_factors)
-        with torch.autocast(x.device.type, enabled=False):
+        with _without_autocast(x.device.type):
             # W' in (at least) float32 where it is rebuilt; the op runs on its copy in the compute dtype.
             full = lie_weight(weight, factors, _work_dtype(weight, factors)) if kept is None else kept
             grad_x, grad_adapted, grad_b = ctx.op.backward(
-                grad_out.to(ctx.dtype), x, full.to(ctx.dtype), (needs_x, needs_grad_w, needs_b)
+                _as(grad_out, ctx.dtype), x, _as(full, ctx.dtype), (needs_x, needs_grad_w, needs_b)
             )
             grad_w, grad_factors = None, [None] * len(factor_tensors)
             if needs_grad_w:
                 grad_w, grad_factors = _weight_grads(grad_adapted, weight, full, factors, needs_w, needs_factors)
         if grad_x is not None:
-            grad_x = grad_x.to(ctx.x_dtype)
+            grad_x = _as(grad_x, ctx.x_dtype)
         if grad_b is not None:
-            grad_b = grad_b.to(ctx.bias_dtype)
+            grad_b = _as(grad_b, ctx.bias_dtype)
         return (grad_x, grad_w, grad_b, None, *grad_factors)
 
 
@@ -201,7 +214,7 @@ def _weight_grads(grad_adapted, weight, adapted, factors, needs_w, needs_factors
     ∂W'/∂Δ is W' (exp) or W (taylor), so dL/dΔ is G multiplied in place: one weight-sized buffer.
     """
     dtype = _work_dtype(weight, factors)
-    grad = grad_adapted.to(dtype)  # G in (at least) float32; a fresh tensor of the op's, ours to overwrite
+    grad = _as(grad_adapted, dtype)  # G in (at least) float32; a fresh tensor of the op's, ours to overwrite
     if len(factors) == 1 and not needs_w:
         deltas_grads = [grad.mul_(adapted if factors[0].mode == "exp" else weight)]
         grad_w = None
@@ -211,10 +224,10 @@ def _weight_grads(grad_adapted, weight, adapted, factors, needs_w, needs_factors
     for factor, d_delta, (needs_a, needs_b) in zip(factors, deltas_grads, zip(needs_factors[::2], needs_factors[1::2])):
         flat = _flat(d_delta)
         grads.append(None if not needs_a else
-                     ((_flat(factor.B).to(dtype).t() * factor.scaling) @ flat).reshape(factor.A.shape).to(factor.A.dtype))
+                     _as(((_as(_flat(factor.B), dtype).t() * factor.scaling) @ flat).reshape(factor.A.shape), factor.A.dtype))
         # (A (dL/dΔ)ᵀ)ᵀ, not (dL/dΔ) Aᵀ: the same product, about 2× faster on CPUs for a wide dL/dΔ.
         grads.append(None if not needs_b else
-                     ((_flat(factor.A).to(dtype) @ flat.t()).t() * factor.scaling).reshape(factor.B.shape).to(factor.B.dtype))
+                     _as(((_as(_flat(factor.A), dtype) @ flat.t()).t() * factor.scaling).reshape(factor.B.shape), factor.B.dtype))
     return grad_w, grads
 
 
@@ -248,10 +261,10 @@ def _factors(tensors, scalings, modes) -> list[LieFactor]:
 def _forward(x, weight, bias, op, factors):
     """(op(x, W', b), x, W'), all in the compute dtype (autocast's, else W's)."""
     dtype = _compute_dtype(x, weight)
-    with torch.autocast(x.device.type, enabled=False):
-        x_c = x.to(dtype)
+    with _without_autocast(x.device.type):
+        x_c = _as(x, dtype)
         adapted = lie_weight(weight, factors, dtype)
-        return op.forward(x_c, adapted, None if bias is None else bias.to(dtype)), x_c, adapted
+        return op.forward(x_c, adapted, None if bias is None else _as(bias, dtype)), x_c, adapted
 
 
 def _under_checkpoint() -> bool:
