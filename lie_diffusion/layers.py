@@ -24,7 +24,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .functional import MODES, LieFactor, _compute_dtype, lie_conv2d, lie_linear, lie_multiplier, lie_weight
+from .functional import (MODES, LieFactor, _compute_dtype, _without_autocast, lie_conv2d, lie_linear, lie_multiplier,
+                         lie_weight)
 
 
 # The peft_type a LieLoraConfig writes to adapter_config.json. Stock peft looks it up among its own types and
@@ -232,8 +233,9 @@ class LieLayerMixin(AdapterLayerMixin):
 
     def _factor(self, adapter: str, scaling: float | None = None, train_dropout: bool = False) -> LieFactor:
         A = self.lora_A[adapter].weight
-        if train_dropout:
-            A = self.lora_dropout[adapter](A)
+        dropout = self.lora_dropout[adapter]
+        if train_dropout and not isinstance(dropout, nn.Identity):
+            A = dropout(A)
         scaling = self.scaling[adapter] if scaling is None else scaling
         return LieFactor(A, self.lora_B[adapter].weight, scaling, self.lie_mode[adapter])
 
@@ -249,13 +251,15 @@ class LieLayerMixin(AdapterLayerMixin):
         if not unmerged:
             return self.base_layer(x, *args, **kwargs)
         factors = [self._factor(a, train_dropout=True) for a in unmerged]
-        cached = self._cached_weight(x, unmerged, factors)
+        base = self.get_base_layer()
+        cached = self._cached_weight(x, base, unmerged, factors)
         if cached is not None:
-            with torch.autocast(x.device.type, enabled=False):  # in the dtype of W', as the op runs
-                return self._run(x, cached)
-        return self._lie_forward(x, factors)
+            with _without_autocast(x.device.type):  # in the dtype of W', as the op runs
+                return self._run(x, base, cached)
+        return self._lie_forward(x, base, factors)
 
-    def _cached_weight(self, x: torch.Tensor, adapters: list[str], factors: list[LieFactor]) -> torch.Tensor | None:
+    def _cached_weight(self, x: torch.Tensor, base: nn.Module, adapters: list[str],
+                       factors: list[LieFactor]) -> torch.Tensor | None:
         """W' for a call that needs no grad, rebuilt only when something it depends on changed.
 
         None (build W' inside the op as usual, and drop any cached one) when grad is needed, dropout
@@ -266,8 +270,8 @@ class LieLayerMixin(AdapterLayerMixin):
         """
         if torch.compiler.is_compiling():
             return None
-        weight = self.get_base_layer().weight
-        tensors = [x, weight, self.get_base_layer().bias, *(t for f in factors for t in (f.A, f.B))]
+        weight = base.weight
+        tensors = [x, weight, base.bias, *(t for f in factors for t in (f.A, f.B))]
         if (not self.lie_weight_cache
                 or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
                 or (self.training and any(not isinstance(self.lora_dropout[a], nn.Identity) for a in adapters))):
@@ -349,8 +353,7 @@ class LieConv2d(LieLayerMixin, lora_layer.Conv2d):
             raise ValueError(f"{name}: Lie adapters need numeric padding (got padding={conv.padding!r}).")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
-    def _lie_forward(self, x, factors):
-        conv = self.get_base_layer()
+    def _lie_forward(self, x, conv, factors):
         padding = (0, 0) if conv.padding == "valid" else conv.padding
         if conv.padding_mode != "zeros":
             x = nn.functional.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -358,8 +361,7 @@ class LieConv2d(LieLayerMixin, lora_layer.Conv2d):
         return lie_conv2d(x, conv.weight, conv.bias, factors, conv.stride, padding, conv.dilation, conv.groups,
                           keep_adapted=self.lie_keep_adapted)
 
-    def _run(self, x, adapted):
-        conv = self.get_base_layer()
+    def _run(self, x, conv, adapted):
         bias = None if conv.bias is None else conv.bias.to(adapted.dtype)
         return conv._conv_forward(x.to(adapted.dtype), adapted, bias)
 
@@ -367,12 +369,11 @@ class LieConv2d(LieLayerMixin, lora_layer.Conv2d):
 class LieLinear(LieLayerMixin, lora_layer.Linear):
     """A Linear with Lie adapters: one matmul with W ⊙ M(Δ)."""
 
-    def _lie_forward(self, x, factors):
-        linear = self.get_base_layer()
+    def _lie_forward(self, x, linear, factors):
         return lie_linear(x, linear.weight, linear.bias, factors, keep_adapted=self.lie_keep_adapted)
 
-    def _run(self, x, adapted):
-        bias = self.get_base_layer().bias
+    def _run(self, x, linear, adapted):
+        bias = linear.bias
         return nn.functional.linear(x.to(adapted.dtype), adapted, None if bias is None else bias.to(adapted.dtype))
 
 
