@@ -6,8 +6,9 @@ Training: lie-diffusion exp / taylor, peft LoRA, peft HiRA, LyCORIS LoCon and th
 with full weight gradients on the targeted convs, no optimizer), on the same conv layers at the same
 rank, timed in one process with interleaved repetitions after a warm-up; medians and ratios. Variants:
 `+ckpt` (diffusers' gradient checkpointing) and `+keep` (Lie: W' kept from forward for backward).
-Inference: base vs Lie adapters unfused (W' cache on / off) vs fused. Compiled: torch.compile'd
-(inductor) fwd + bwd against the compiled floor, with dynamo's graph-break count per method.
+Weight-sized work: the Lie layers' extra work with the activations taken away (1×1 inputs), the part of
+the step ratio that grows as latents shrink. Inference: base vs Lie adapters unfused (W' cache on / off)
+vs fused. Compiled: torch.compile'd (inductor) fwd + bwd against the compiled floor, with dynamo's graph-break count per method.
 Files: load / fuse / merge an SD1.5-size adapter.
 """
 
@@ -90,6 +91,40 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS +
             extra = {op: lie.get(op, 0.0) - floor.get(op, 0.0) for op in set(lie) | set(floor)}
             out["lie_extra_by_op"] = dict(sorted(extra.items(), key=lambda kv: -kv[1])[:6])
     return out
+
+
+def bench_weight_work(base, batch, rank, reps, warmup, log=print):
+    """The Lie step's extra work with the activations taken away: fwd + bwd of every targeted conv on a 1×1 input,
+    as a Lie exp layer (factors trained, W' built, rebuilt, G ⊙ W' and the two factor products) and as the floor's
+    conv (W trained). The difference costs the same at every latent size (W' and G are weight-sized), so its share
+    of a step is what bounds the Lie step's ratio to the floor where activations are small."""
+    from lie_diffusion.functional import LieFactor, lie_conv2d
+
+    device = next(base.parameters()).device
+    convs = [base.get_submodule(t) for t in B.conv_targets(base)]
+    g = torch.Generator().manual_seed(0)
+    work = []
+    for conv in convs:
+        weight = conv.weight.detach()
+        down = (torch.randn(rank, *weight.shape[1:], generator=g) * 1e-2).to(device).requires_grad_()
+        up = (torch.randn(weight.shape[0], rank, 1, 1, generator=g) * 1e-2).to(device).requires_grad_()
+        x = torch.randn(batch, weight.shape[1], 1, 1, generator=g).to(device).requires_grad_()
+        work.append((conv, weight, weight.clone().requires_grad_(), x, LieFactor(down, up, 1.0, "exp")))
+
+    def lie():
+        for conv, weight, _, x, factor in work:
+            lie_conv2d(x, weight, conv.bias, [factor], conv.stride, conv.padding).sum().backward()
+
+    def floor():
+        for conv, _, trained, x, _ in work:
+            torch.nn.functional.conv2d(x, trained, conv.bias, conv.stride, conv.padding).sum().backward()
+
+    B.cpu_allocator(measuring=False)
+    times = B.interleaved({"lie-exp": lie, "floor": floor}, reps, warmup, B.synchronizer(device), log)
+    extra = B.median(times["lie-exp"]) - B.median(times["floor"])
+    log(f"weight-sized work: Lie exp {extra * 1e3:.1f} ms over the floor on {len(convs)} convs with 1x1 inputs")
+    return {"convs": len(convs), "weights": sum(c.weight.numel() for c in convs), "lie_extra_s": extra,
+            "times_s": times}
 
 
 def bench_inference(base, latent, batch, rank, reps, warmup, autocast_dtype=None, log=print):
@@ -228,7 +263,7 @@ def time_split(train) -> str:
     return " ".join(lines)
 
 
-def findings(configs) -> list[str]:
+def findings(configs, weight_work=None) -> list[str]:
     """What bounds the ratios, per latent size, from the measurements themselves."""
     lines = []
     for latent, cfg in configs.items():
@@ -243,6 +278,10 @@ def findings(configs) -> list[str]:
             line += f" ({100 * (m['lie-exp+keep']['step_s'] / floor - 1):+.0f}% with W' kept for backward)"
         line += (": weight-sized work the floor does not do: Δ = BA (mm), exp2 and ⊙ W in forward and again "
                  "in backward, G ⊙ W' and the two factor products (mm), which weighs more as activations shrink.")
+        if weight_work:
+            line += (f" Measured alone ({weight_work['convs']} convs on 1×1 inputs), that work costs "
+                     f"{weight_work['lie_extra_s'] * 1e3:.0f} ms per step at any latent size: "
+                     f"{100 * weight_work['lie_extra_s'] / floor:.0f}% of this floor step.")
         if "lie-exp+ckpt" in m and "peft-lora+ckpt" in m:
             line += (f" With gradient checkpointing: Lie exp {m['lie-exp+ckpt']['step_s'] / m['floor+ckpt']['step_s']:.2f}"
                      f" × the checkpointed floor, {m['lie-exp+ckpt']['step_s'] / m['peft-lora+ckpt']['step_s']:.2f} × "
@@ -293,7 +332,7 @@ def render(results) -> str:
                                    for cfg in configs.values()]
                     for i, g in enumerate(next(iter(configs.values()))["goals"])]),
         "",
-        *[f"- {line}" for line in findings(configs)],
+        *[f"- {line}" for line in findings(configs, results.get("weight_work"))],
     ]
     for latent, cfg in configs.items():
         parts += ["", f"#### {latent}×{latent} latents", "", train_table(cfg["train"]), "", time_split(cfg["train"]), "",
@@ -333,7 +372,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     base = B.build_unet(args.size)
-    results = {"env": B.environment(), "inference_batch": args.inference_batch, "configs": {}}
+    results = {"env": B.environment(), "inference_batch": args.inference_batch, "configs": {},
+               "weight_work": bench_weight_work(base, args.batch, args.rank, args.reps, args.warmup)}
     for latent in args.latents:
         train = bench_train(base, latent, args.batch, args.rank, args.reps, args.warmup)
         inference = bench_inference(base, latent, args.inference_batch, args.rank, args.inference_reps, args.warmup)

@@ -76,6 +76,8 @@ def test_speed_script_end_to_end(tmp_path):
     assert set(config["inference"]) == {"base", "lie-exp unfused", "lie-exp unfused, no W' cache", "lie-taylor unfused",
                                         "peft-lora unfused", "lie-exp fused"}
     assert "compiled" not in data
+    assert data["weight_work"]["convs"] == len(B.conv_targets(B.build_unet("tiny"))) and data["weight_work"]["lie_extra_s"]
+    assert "Measured alone" in readme.read_text()
     assert all({"goal", "measured", "met"} <= set(g) for g in config["goals"])
     assert {"load", "merge"} <= set(data["files"]["ops"])
     text = readme.read_text()
