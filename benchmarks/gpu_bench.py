@@ -44,6 +44,7 @@ def run_config(args, dtype_name, xformers, log=print) -> dict:
     start = time.perf_counter()
     out = {"train": speed.bench_train(base, args.latent, args.batch, args.rank, args.reps, args.warmup,
                                       autocast_dtype=dtype, log=log)}
+    out["weight_work"] = speed.bench_weight_work(base, args.batch, args.rank, args.reps, args.warmup, log=log)
     out["inference"] = speed.bench_inference(base, args.latent, args.inference_batch, args.rank, args.reps, args.warmup,
                                              autocast_dtype=dtype, log=log)
     if args.compile != "none" and not xformers:
@@ -67,6 +68,7 @@ def render(results) -> str:
         parts += [f"{c['unet_params'] / 1e6:.0f} M params, {c['latent']}×{c['latent']} latents, batch {c['batch']}, "
                   f"rank {c['rank']} on {c['targets']} convs; medians of {c['reps']} rounds.", "",
                   speed.train_table(r["train"]), "", speed.time_split(r["train"]), "",
+                  *speed.findings({str(c["latent"]): r}, r["weight_work"]), "",
                   B.md_table([f"inference (batch {results['args']['inference_batch']})", "forward s", "× base"],
                              [[k, f"{v['forward_s']:.4f}", f"{v['x_base']:.3f}"] for k, v in r["inference"].items()])]
         if "compiled" in r:

@@ -108,7 +108,7 @@ def bench_weight_work(base, batch, rank, reps, warmup, log=print):
         weight = conv.weight.detach()
         down = (torch.randn(rank, *weight.shape[1:], generator=g) * 1e-2).to(device).requires_grad_()
         up = (torch.randn(weight.shape[0], rank, 1, 1, generator=g) * 1e-2).to(device).requires_grad_()
-        x = torch.randn(batch, weight.shape[1], 1, 1, generator=g).to(device).requires_grad_()
+        x = torch.randn(batch, weight.shape[1], 1, 1, generator=g).to(device, weight.dtype).requires_grad_()
         work.append((conv, weight, weight.clone().requires_grad_(), x, LieFactor(down, up, 1.0, "exp")))
 
     def lie():
@@ -317,9 +317,10 @@ def render(results) -> str:
         f"{env['date']}. UNet2DConditionModel {c['unet_params'] / 1e6:.1f} M params (block_out_channels "
         f"{'/'.join(map(str, c['block_out_channels']))}, cross-attention 768), training batch {c['batch']}, inference "
         f"batch {inference_batch}, {c['dtype']}; every method adapts the same {c['targets']} conv layers (resnet convs, "
-        f"shortcuts, down/upsamplers) at rank {c['rank']}. Medians of {c['reps']} interleaved rounds after "
-        f"{c['warmup']} warm-up round(s), on a shared machine that other jobs load at the same time: single timings "
-        "vary by tens of percent, ratios from one interleaved run much less. The floor is the frozen UNet with full "
+        f"shortcuts, down/upsamplers) at rank {c['rank']}. Medians of interleaved rounds ("
+        + ", ".join(f"{k}×{k}: {cfg['train']['config']['reps']}" for k, cfg in configs.items())
+        + f"; smaller latents get more) after {c['warmup']} warm-up round(s). On a shared machine single timings "
+        "vary by tens of percent between rounds, ratios from one interleaved run much less. The floor is the frozen UNet with full "
         "weight gradients on those convs and no optimizer. `+ckpt`: `unet.enable_gradient_checkpointing()`; "
         "`+keep`: `set_lie_speed_options(unet, keep_adapted=True)`. Peak step memory: the most tensor memory the step "
         "holds above what was live before it (torch.profiler memory events; exact); peak step RSS: the same step's "
@@ -355,7 +356,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--inference-batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed rounds at the largest latent size; × (largest / latent) at the others")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--inference-reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -375,8 +377,10 @@ def main(argv=None):
     results = {"env": B.environment(), "inference_batch": args.inference_batch, "configs": {},
                "weight_work": bench_weight_work(base, args.batch, args.rank, args.reps, args.warmup)}
     for latent in args.latents:
-        train = bench_train(base, latent, args.batch, args.rank, args.reps, args.warmup)
-        inference = bench_inference(base, latent, args.inference_batch, args.rank, args.inference_reps, args.warmup)
+        more = max(1, max(args.latents) // latent)  # smaller latents: cheaper steps, noisier timings, more rounds
+        train = bench_train(base, latent, args.batch, args.rank, args.reps * more, args.warmup)
+        inference = bench_inference(base, latent, args.inference_batch, args.rank, args.inference_reps * more,
+                                    args.warmup)
         results["configs"][str(latent)] = {"train": train, "inference": inference, "goals": goals(train, inference)}
         B.write_results("speed", results, render(results), args.out)  # after each size: nothing lost if stopped
     del base
