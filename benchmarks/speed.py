@@ -8,7 +8,8 @@ rank, timed in one process with interleaved repetitions after a warm-up; medians
 `+ckpt` (diffusers' gradient checkpointing) and `+keep` (Lie: W' kept from forward for backward).
 Weight-sized work: the Lie layers' extra work with the activations taken away (1×1 inputs), the part of
 the step ratio that grows as latents shrink. Inference: base vs Lie adapters unfused (W' cache on / off)
-vs fused. Compiled: torch.compile'd (inductor) fwd + bwd against the compiled floor, with dynamo's graph-break count per method.
+vs fused. Compiled: torch.compile'd (inductor) fwd + bwd against the compiled floor, with dynamo's
+graph-break count per method.
 Files: load / fuse / merge an SD1.5-size adapter.
 """
 
@@ -218,6 +219,7 @@ def bench_files(size, rank, reps, log=print):
 
 
 def _step_times(method_result) -> list[float]:
+    """The per-round times of a method's one timed case (its step, or fwd+bwd for the floor)."""
     return next(iter(method_result["times_s"].values()))
 
 
@@ -343,8 +345,8 @@ def render(results) -> str:
         f"shortcuts, down/upsamplers) at rank {c['rank']}. Medians of interleaved rounds ("
         + ", ".join(f"{k}×{k}: {cfg['train']['config']['reps']}" for k, cfg in configs.items())
         + f"; smaller latents get more) after {c['warmup']} warm-up round(s). On a shared machine single timings "
-        "vary by tens of percent between rounds, ratios from one interleaved run much less. The floor is the frozen UNet with full "
-        "weight gradients on those convs and no optimizer. `+ckpt`: `unet.enable_gradient_checkpointing()`; "
+        "vary by tens of percent between rounds, ratios from one interleaved run much less. The floor is the frozen "
+        "UNet with full weight gradients on those convs and no optimizer. `+ckpt`: `unet.enable_gradient_checkpointing()`; "
         "`+keep`: `set_lie_speed_options(unet, keep_adapted=True)`. Peak step memory: the most tensor memory the step "
         "holds above what was live before it (torch.profiler memory events; exact); peak step RSS: the same step's "
         "resident-memory high-water mark above its start (via /proc/self/clear_refs), which also counts what glibc's "

@@ -222,12 +222,12 @@ def _weight_grads(grad_adapted, weight, adapted, factors, needs_w, needs_factors
         deltas_grads, grad_w = _general_delta_grads(grad, weight, factors, needs_w)
     grads = []
     for factor, d_delta, (needs_a, needs_b) in zip(factors, deltas_grads, zip(needs_factors[::2], needs_factors[1::2])):
-        flat = _flat(d_delta)
-        grads.append(None if not needs_a else
-                     _as(((_as(_flat(factor.B), dtype).t() * factor.scaling) @ flat).reshape(factor.A.shape), factor.A.dtype))
+        flat, A, B = _flat(d_delta), _as(_flat(factor.A), dtype), _as(_flat(factor.B), dtype)
+        grad_a = None if not needs_a else (B.t() * factor.scaling) @ flat
         # (A (dL/dΔ)ᵀ)ᵀ, not (dL/dΔ) Aᵀ: the same product, about 2× faster on CPUs for a wide dL/dΔ.
-        grads.append(None if not needs_b else
-                     _as(((_as(_flat(factor.A), dtype) @ flat.t()).t() * factor.scaling).reshape(factor.B.shape), factor.B.dtype))
+        grad_b = None if not needs_b else (A @ flat.t()).t() * factor.scaling
+        grads += [None if grad_a is None else _as(grad_a.reshape(factor.A.shape), factor.A.dtype),
+                  None if grad_b is None else _as(grad_b.reshape(factor.B.shape), factor.B.dtype)]
     return grad_w, grads
 
 
@@ -273,8 +273,9 @@ def _under_checkpoint() -> bool:
     if torch.compiler.is_compiling():
         return False
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint" and \
-        hooks[0].__qualname__.split(".")[0] in ("_checkpoint_hook", "_recomputation_hook")
+    pack = None if hooks is None else hooks[0]
+    return (getattr(pack, "__module__", None) == "torch.utils.checkpoint"
+            and pack.__qualname__.split(".")[0] in ("_checkpoint_hook", "_recomputation_hook"))
 
 
 def _apply(x, weight, bias, factors: Sequence[LieFactor], op, keep_adapted: bool):
