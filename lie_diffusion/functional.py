@@ -267,12 +267,16 @@ def _forward(x, weight, bias, op, factors):
         return op.forward(x_c, adapted, None if bias is None else _as(bias, dtype)), x_c, adapted
 
 
+# torch's own accessor for the saved-tensor hooks in force (private; without it, W' is simply rebuilt).
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _under_checkpoint() -> bool:
     """Whether tensors saved for backward now go through torch.utils.checkpoint's hooks (its first pass,
     which drops them, or its recomputation, which holds them until the segment's backward)."""
-    if torch.compiler.is_compiling():
+    if _TOP_SAVED_TENSOR_HOOKS is None or torch.compiler.is_compiling():
         return False
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    hooks = _TOP_SAVED_TENSOR_HOOKS(False)
     pack = None if hooks is None else hooks[0]
     return (getattr(pack, "__module__", None) == "torch.utils.checkpoint"
             and pack.__qualname__.split(".")[0] in ("_checkpoint_hook", "_recomputation_hook"))
