@@ -8,7 +8,7 @@ that the final weights equal an uninterrupted run's, bit for bit.
 Each trial kills one run (sometimes the resumed run too) and then resumes to the end. Kill moments:
 
 * `step:N` — right after the N-th optimizer step;
-* `torch_save:N` — halfway through writing the N-th `torch.save` file (optimizer / scheduler / RNG state);
+* `state_save:N` — the N-th training-state file (optimizer / scheduler / RNG state) left half written;
 * `fsync:N` — a file written in full but not yet renamed into place (adapter file, final weights);
 * `replace:N` — just before the N-th `os.replace` (adapter file, checkpoint folder, final weights);
 * `rmtree:N` — halfway through deleting a folder (pruning old checkpoints, `--checkpoints_total_limit`);
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_scripts" / "train_dreambooth_lie.py"
 WEIGHTS = "pytorch_lora_weights.safetensors"
-EVENTS = ("step", "torch_save", "fsync", "replace", "rmtree")
+EVENTS = ("step", "state_save", "fsync", "replace", "rmtree")
 
 # Runs the training script with hooks that SIGKILL the process at the N-th event named in $CRASH_AT.
 DRIVER = r'''
@@ -66,17 +66,15 @@ def killing_step(self, *args, **kwargs):
     return result
 torch.optim.AdamW.step = killing_step
 
-save = torch.save
-def killing_save(obj, f, *args, **kwargs):
-    if not due("torch_save"):
-        return save(obj, f, *args, **kwargs)
-    buffer = io.BytesIO()
-    save(obj, buffer, *args, **kwargs)
-    data = buffer.getvalue()
-    with open(f, "wb") as file:  # a torn file: half of it on disk
-        file.write(data[: len(data) // 2])
-    die()
-torch.save = killing_save
+import lie_diffusion.training as training
+save_state = training.save_state_file
+def killing_save_state(path, tree):
+    save_state(path, tree)
+    if due("state_save"):
+        with open(path, "r+b") as file:  # a torn file: half of it on disk
+            file.truncate(os.path.getsize(path) // 2)
+        die()
+training.save_state_file = killing_save_state
 
 for name, kind in (("fsync", "fsync"), ("replace", "replace")):
     original = getattr(os, name)
@@ -165,6 +163,8 @@ class CrashHarness:
     def check_nothing_half_written(self, output) -> list[str]:
         """Problems with what `output` holds under final names (empty when everything is complete)."""
         problems = []
+        if not Path(output).exists():  # killed before the script made it
+            return problems
         for path in sorted(Path(output).iterdir()):
             if path.name.startswith("checkpoint-"):
                 problems += _compare_dirs(path, self.reference / path.name)
@@ -231,7 +231,7 @@ def random_kill(rng: random.Random, run_seconds: float) -> str:
         return f"time:{rng.uniform(0.3, 0.8) * run_seconds:.2f}"  # runs vary in length: stay inside one
     event = rng.choice(EVENTS)
     # How often each event happens in a whole run of main()'s settings (6 steps, 3 checkpoints, 1 pruning).
-    count = {"step": 6, "torch_save": 9, "fsync": 4, "replace": 7, "rmtree": 1}[event]
+    count = {"step": 6, "state_save": 6, "fsync": 4, "replace": 7, "rmtree": 1}[event]
     return f"{event}:{rng.randint(1, count)}"
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from diffusers.training_utils import cast_training_params, compute_snr, free_mem
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -488,25 +491,6 @@ def add_adapters(args, accelerator, unet, text_encoders):
     return trained
 
 
-def register_adapter_hooks(accelerator, adapted_models):
-    """accelerator.save_state / load_state: our adapter file replaces accelerate's full-model dump.
-
-    `adapted_models`: the models carrying trained adapters (not DDP-wrapped), by component name.
-    """
-
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_lie_weights(output_dir, **adapted_models)
-        weights.clear()
-
-    def load_model_hook(models, input_dir):
-        models.clear()
-        load_adapters_in_place(input_dir, adapted_models)
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-
 def build_optimizer(args, accelerator, trained_models):
     """AdamW (or 8-bit AdamW, or Prodigy) over the adapters of the UNet (first) and of the text encoders.
 
@@ -663,8 +647,116 @@ def load_adapters_in_place(checkpoint, models):
         trained[key].lora_B["default"].weight.copy_(entry.B)
 
 
-def save_checkpoint(args, accelerator, step, params):
-    """accelerator.save_state into a temporary folder, renamed when complete; then prune old ones."""
+# A checkpoint folder: the adapter file (WEIGHT_NAME), TRAINING_STATE (optimizer, lr scheduler, grad scaler,
+# accelerate's step counter) and one RANDOM_STATES file per process. All safetensors: accelerate's save_state
+# would pickle the states.
+TRAINING_STATE = "training_state.safetensors"
+RANDOM_STATES = "random_states_{}.safetensors"
+_STATE_METADATA = "lie_diffusion.state"
+
+
+def save_state_file(path, tree) -> None:
+    """Write nested dicts / lists / tuples of tensors, numbers, strings and None as one safetensors file: the
+    tensors as tensors, the structure (with every other value, exactly) as JSON in the metadata."""
+    tensors = {}
+
+    def encode(obj):
+        if isinstance(obj, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = obj.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)  # never shared
+            return {"tensor": key}
+        if isinstance(obj, dict):  # keys of any type (the optimizer's are parameter indices)
+            return {"dict": [[encode(k), encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return {type(obj).__name__: [encode(v) for v in obj]}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"{path}: a training state cannot hold values of type {type(obj).__name__!r}.")
+
+    structure = json.dumps(encode(tree))
+    save_file(tensors, str(path), metadata={_STATE_METADATA: structure})
+
+
+def load_state_file(path):
+    """The nest `save_state_file` wrote, with its tensors on the CPU."""
+    with safe_open(str(path), framework="pt") as file:
+        structure = (file.metadata() or {}).get(_STATE_METADATA)
+    if structure is None:
+        raise TrainingError(f"{path} is not a lie-diffusion training state (no {_STATE_METADATA!r} metadata).")
+    tensors = load_file(str(path))
+
+    def decode(obj):
+        if not isinstance(obj, dict):
+            return obj
+        (kind, value), = obj.items()
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {decode(k): decode(v) for k, v in value}
+        items = [decode(v) for v in value]
+        return tuple(items) if kind == "tuple" else items
+
+    return decode(json.loads(structure))
+
+
+def random_states() -> dict:
+    """This process's Python, NumPy, torch and CUDA generator states."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_states(states: dict) -> None:
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_training_state(folder, accelerator, adapted_models, optimizer, lr_scheduler) -> None:
+    """What resuming needs, into `folder`: the adapters (main process), the optimizer / scheduler / scaler states
+    (main process) and every process's random states."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_lie_weights(folder, **adapted_models)
+        scaler = accelerator.scaler
+        save_state_file(folder / TRAINING_STATE, {
+            "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "grad_scaler": None if scaler is None else scaler.state_dict(), "step": accelerator.step,
+        })
+    save_state_file(folder / RANDOM_STATES.format(accelerator.process_index), random_states())
+
+
+def load_training_state(folder, accelerator, adapted_models, optimizer, lr_scheduler) -> None:
+    """Resume from a folder `save_training_state` wrote: adapters in place, then optimizer, scheduler, scaler
+    and this process's random states."""
+    folder = Path(folder)
+    state_file, random_file = folder / TRAINING_STATE, folder / RANDOM_STATES.format(accelerator.process_index)
+    if not state_file.is_file():
+        older = (" It holds pickle files (optimizer.bin, random_states_*.pkl): an earlier lie-diffusion wrote it with "
+                 "accelerate's save_state. Resume it with that version, or start a new run."
+                 if (folder / "optimizer.bin").exists() else "")
+        raise TrainingError(f"{folder} has no {TRAINING_STATE}.{older}")
+    if not random_file.is_file():
+        raise TrainingError(f"{folder} has no {random_file.name}: it was saved by a run with fewer processes than "
+                            f"this one ({accelerator.num_processes}).")
+    load_adapters_in_place(folder, adapted_models)
+    state = load_state_file(state_file)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if accelerator.scaler is not None and state["grad_scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    accelerator.step = state["step"]
+    set_random_states(load_state_file(random_file))
+
+
+def save_checkpoint(args, accelerator, step, params, adapted_models, optimizer, lr_scheduler):
+    """The training state into a temporary folder, renamed when complete; then prune old ones."""
     if not all(torch.isfinite(p).all() for p in params):
         raise TrainingError(f"adapter weights are not finite at step {step}; not saving a checkpoint.")
     output_dir = Path(args.output_dir)
@@ -672,7 +764,7 @@ def save_checkpoint(args, accelerator, step, params):
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # every process writes its own RNG state
+    save_training_state(partial, accelerator, adapted_models, optimizer, lr_scheduler)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         stale = output_dir / f".checkpoint-{step}.stale"  # written by a run this one resumed from before it
@@ -695,13 +787,15 @@ def save_checkpoint(args, accelerator, step, params):
 # ---------------------------------------------------------------------------------------- the loop
 
 
-def train_loop(args, accelerator, family, *, trained_models, params, optimizer, lr_scheduler, dataset, dataloader,
+def train_loop(args, accelerator, family, *, adapted_models, params, optimizer, lr_scheduler, dataset, dataloader,
                compute_loss, validation_pipeline, validation_kwargs=None):
     """Resume if asked, then train to `max_train_steps`: checkpoints, NaN stop, logs, periodic validation.
 
+    `adapted_models`: the models whose adapters train, by component name ("unet", "text_encoder", ...).
     `compute_loss(batch)` gives the loss of one batch; `validation_pipeline()` builds a pipeline around
     the models being trained. Returns the last global step.
     """
+    trained_models = list(adapted_models.values())
     num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -728,7 +822,7 @@ def train_loop(args, accelerator, family, *, trained_models, params, optimizer, 
             accelerator.print(f"No checkpoint in {args.output_dir}; starting a new training run.")
         else:
             accelerator.print(f"Resuming from checkpoint {checkpoint}")
-            accelerator.load_state(str(checkpoint))
+            load_training_state(checkpoint, accelerator, adapted_models, optimizer, lr_scheduler)
             global_step = int(CHECKPOINT_RE.fullmatch(checkpoint.name).group(1))
     first_epoch = global_step // num_update_steps_per_epoch
     # Batches of the first epoch that the checkpoint has already trained on.
@@ -770,7 +864,7 @@ def train_loop(args, accelerator, family, *, trained_models, params, optimizer, 
                 progress_bar.update(1)
                 global_step += 1
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(args, accelerator, global_step, params)
+                    save_checkpoint(args, accelerator, global_step, params, adapted_models, optimizer, lr_scheduler)
                 lrs = lr_scheduler.get_last_lr()
                 logs = {"loss": mean_loss.item(), "lr": lrs[0]}
                 if len(lrs) > 1:

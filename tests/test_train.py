@@ -191,6 +191,66 @@ def test_adapter_flags_map_to_lie_config():
 # ------------------------------------------------------------------------------------------ real runs
 
 
+def test_training_state_files_round_trip_exactly_without_pickle(tmp_path):
+    """Optimizer-like nests (int keys, tuples, inf/nan, tensors of several dtypes) come back equal; only
+    safetensors is written; what it cannot hold is refused."""
+    import random
+
+    from lie_diffusion.training import (TrainingError, load_state_file, random_states, save_state_file,
+                                        set_random_states)
+
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    optimizer = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.99))
+    param.grad = torch.randn(3, 2)
+    optimizer.step()
+    tree = {"optimizer": optimizer.state_dict(), "ints": {0: (1, 2**40), 5: [None, True]}, "floats": [float("inf"),
+            float("nan"), 0.1 + 0.2], "half": torch.arange(4, dtype=torch.float16), "bytes": torch.get_rng_state()}
+    save_state_file(tmp_path / "state.safetensors", tree)
+    assert {p.name for p in tmp_path.iterdir()} == {"state.safetensors"}
+    back = load_state_file(tmp_path / "state.safetensors")
+    assert back["ints"] == {0: (1, 2**40), 5: [None, True]} and back["floats"][2] == 0.1 + 0.2
+    assert back["floats"][0] == float("inf") and back["floats"][1] != back["floats"][1]
+    assert torch.equal(back["half"], tree["half"]) and back["half"].dtype == torch.float16
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    for name, value in tree["optimizer"]["state"][0].items():
+        assert torch.equal(back["optimizer"]["state"][0][name], value)
+    restored = torch.optim.AdamW([torch.nn.Parameter(param.detach().clone())], lr=1e-3)
+    restored.load_state_dict(back["optimizer"])  # int keys: the state reaches the parameter
+    assert restored.state_dict()["state"].keys() == {0} and restored.param_groups[0]["betas"] == (0.9, 0.99)
+    with pytest.raises(TypeError, match="cannot hold values of type 'object'"):
+        save_state_file(tmp_path / "bad.safetensors", {"x": object()})
+    shared = torch.zeros(3)
+    save_state_file(tmp_path / "shared.safetensors", [shared, shared, shared[1:]])  # one storage, three entries
+    assert [t.tolist() for t in load_state_file(tmp_path / "shared.safetensors")] == [[0.0] * 3] * 2 + [[0.0] * 2]
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_state_file(tmp_path / "rng.safetensors", random_states())
+    draws = (random.random(), np.random.rand(), torch.rand(()).item())
+    set_random_states(load_state_file(tmp_path / "rng.safetensors"))
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == draws
+    with pytest.raises(TrainingError, match="not a lie-diffusion training state"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+        load_state_file(tmp_path / "plain.safetensors")
+
+
+def test_resuming_a_checkpoint_it_cannot_read_names_the_reason(tmp_path):
+    from accelerate import Accelerator
+
+    from lie_diffusion.training import TrainingError, load_training_state, save_state_file
+
+    accelerator = Accelerator(cpu=True)
+    older = tmp_path / "checkpoint-2"
+    older.mkdir()
+    (older / "optimizer.bin").write_bytes(b"")  # what accelerate's save_state wrote for earlier versions
+    with pytest.raises(TrainingError, match=r"checkpoint-2 has no training_state.safetensors\. It holds pickle files"):
+        load_training_state(older, accelerator, {}, None, None)
+    save_state_file(older / "training_state.safetensors", {})
+    with pytest.raises(TrainingError, match="no random_states_0.safetensors: it was saved by a run with fewer processes"):
+        load_training_state(older, accelerator, {}, None, None)
+
+
 def test_accelerate_bf16_run_then_resume(tiny_pipeline_dir, toy_images, tmp_path):
     """bf16 + text encoder + gradient checkpointing + Min-SNR + prior preservation + validation, then resume."""
     output, class_dir = tmp_path / "out", tmp_path / "class"
@@ -291,7 +351,7 @@ def test_torchrun_two_process_ddp(tiny_pipeline_dir, toy_images, tmp_path):
     assert len(list(class_dir.glob("*.jpg"))) == 3  # sampled by both processes, written once
     assert checkpoints(output) == ["checkpoint-2"]
     saved = {p.name for p in (output / "checkpoint-2").iterdir()}
-    assert {WEIGHTS, "random_states_0.pkl", "random_states_1.pkl", "optimizer.bin"} <= saved
+    assert saved == {WEIGHTS, "training_state.safetensors", "random_states_0.safetensors", "random_states_1.safetensors"}
     assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder"}
     assert len(list((output / "logs").glob("*/events.out.tfevents.*"))) == 1  # one writer: the main process
 

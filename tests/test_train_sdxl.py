@@ -157,5 +157,5 @@ def test_torchrun_two_process_ddp_edm_prodigy(tiny_sdxl_pipeline_dir, toy_images
     assert len(per_rank["0"]) == 2 and per_rank["0"] == per_rank["1"]
     assert set(_optimizers(result)) == {"Prodigy"}
     assert checkpoints(output) == ["checkpoint-2"]
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (output / "checkpoint-2").iterdir()}
+    assert {"random_states_0.safetensors", "random_states_1.safetensors"} <= {p.name for p in (output / "checkpoint-2").iterdir()}
     assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder", "text_encoder_2"}

@@ -125,7 +125,6 @@ def main(args):
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     trained_models = training.add_adapters(args, accelerator, unet, text_encoders)
     adapted_models = dict(zip(["unet", "text_encoder", "text_encoder_2"], trained_models))
-    training.register_adapter_hooks(accelerator, adapted_models)
     optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
 
     latents_mean = latents_std = None
@@ -240,7 +239,7 @@ def main(args):
         )
 
     global_step = training.train_loop(
-        args, accelerator, FAMILY, trained_models=trained_models, params=params_to_optimize, optimizer=optimizer,
+        args, accelerator, FAMILY, adapted_models=adapted_models, params=params_to_optimize, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline, validation_kwargs=validation_kwargs,
     )
