@@ -39,7 +39,7 @@ EVENTS = ("step", "state_save", "fsync", "replace", "rmtree")
 
 # Runs the training script with hooks that SIGKILL the process at the N-th event named in $CRASH_AT.
 DRIVER = r'''
-import io, os, runpy, shutil, signal, sys
+import os, runpy, shutil, signal, sys
 import torch
 
 event, _, count = os.environ.get("CRASH_AT", ":0").partition(":")

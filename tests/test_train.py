@@ -223,15 +223,17 @@ def test_training_state_files_round_trip_exactly_without_pickle(tmp_path):
     save_state_file(tmp_path / "shared.safetensors", [shared, shared, shared[1:]])  # one storage, three entries
     assert [t.tolist() for t in load_state_file(tmp_path / "shared.safetensors")] == [[0.0] * 3] * 2 + [[0.0] * 2]
 
-    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     save_state_file(tmp_path / "rng.safetensors", random_states())
     draws = (random.random(), np.random.rand(), torch.rand(()).item())
     set_random_states(load_state_file(tmp_path / "rng.safetensors"))
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == draws
-    with pytest.raises(TrainingError, match="not a lie-diffusion training state"):
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(TrainingError, match="not a lie-diffusion training state"):
         load_state_file(tmp_path / "plain.safetensors")
 
 
