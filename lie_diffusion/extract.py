@@ -268,7 +268,7 @@ def write_entries(path: Path, entries: list[ModuleEntry], unet: nn.Module | None
         prefix = (LIE_PREFIX if entry.section == "lie" else "") + entry.ref
         tensors[f"{prefix}.lora_A.weight"] = entry.A.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = entry.B.contiguous()
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(_lie_metadata(entries, unet), sort_keys=True)}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(_lie_metadata(entries, unet, "none"), sort_keys=True)}
     lora_metadata = _lora_metadata(entries)
     if lora_metadata:
         metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)

@@ -32,6 +32,10 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("exp", "taylor")
+BALANCES = ("rms", "none")
+# The "rms" rule treats a kernel as no smaller than this: a near-zero kernel (which a multiplicative update
+# cannot move far anyway) would otherwise get a huge factor and an exponent that overflows after a few steps.
+BALANCE_MIN_RMS = 1e-3
 LOG2_E = math.log2(math.e)
 
 
@@ -49,6 +53,25 @@ def lie_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, shape: Sequence[
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     product = B.reshape(B.shape[0], -1).to(dtype) @ A.reshape(A.shape[0], -1).to(dtype)
     return product.reshape(shape) * scaling
+
+
+def balance_factor(weight: torch.Tensor, balance: str) -> float:
+    """What a Lie adapter's alpha is multiplied by under the balancing rule `balance` (see `BALANCES`).
+
+    "rms": 1 / RMS(W). A factor step dΔ moves W' = W ⊙ M(Δ) by W ⊙ dΔ, whose RMS is about RMS(W)·RMS(dΔ),
+    while the same step moves a LoRA's W + Δ by dΔ itself. Dividing by RMS(W) makes one learning rate move
+    a Lie kernel as far as a LoRA one, on any model, whatever the size of its weights (which differ
+    between layers and between SD1.5, SDXL and small models). RMS(W) counts as at least `BALANCE_MIN_RMS`.
+    "none": 1, the plain alpha / rank of LoRA.
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"Unknown Lie balance {balance!r}; expected one of {BALANCES}.")
+    if balance == "none":
+        return 1.0
+    rms = weight.detach().double().pow(2).mean().sqrt().item()
+    if not math.isfinite(rms):
+        raise ValueError(f"Lie balance: the kernel {tuple(weight.shape)} holds NaN/inf values.")
+    return 1.0 / max(rms, BALANCE_MIN_RMS)
 
 
 def _check_mode(mode: str) -> None:

@@ -16,7 +16,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .functional import MODES
+from .functional import BALANCES, MODES, balance_factor
 from .layers import LieLayerMixin, LieLoraConfig, unwrap_layer
 
 # Targets are regexes matched against the end of a module's dotted name ("resnets.*.conv1" matches
@@ -33,11 +33,18 @@ ATTN_ADAPTERS = ("lora", "lie", "none")
 
 @dataclass
 class LieConfig:
-    """What to adapt and how. `alpha=None` means alpha = rank; attention rank/alpha default to these."""
+    """What to adapt and how. `alpha=None` means alpha = rank; attention rank/alpha default to these.
+
+    `balance` scales each Lie adapter's alpha by a factor of its own kernel (`functional.balance_factor`):
+    with "rms" (the default) one learning rate moves Lie kernels as far as LoRA ones, so the Lie convs
+    and the LoRA attention of one adapter train well together. The resulting per-module alphas are what
+    the adapter uses and what its file stores; "none" keeps alpha / rank as in LoRA.
+    """
 
     rank: int = 4
     alpha: float | None = None
     mode: str = "exp"
+    balance: str = "rms"
     attn_adapter: str = "lora"
     attn_rank: int | None = None
     attn_alpha: float | None = None
@@ -48,6 +55,8 @@ class LieConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"LieConfig.mode must be one of {MODES}, got {self.mode!r}.")
+        if self.balance not in BALANCES:
+            raise ValueError(f"LieConfig.balance must be one of {BALANCES}, got {self.balance!r}.")
         if self.attn_adapter not in ATTN_ADAPTERS:
             raise ValueError(f"LieConfig.attn_adapter must be one of {ATTN_ADAPTERS}, got {self.attn_adapter!r}.")
         for name in ("rank", "attn_rank"):
@@ -119,8 +128,23 @@ def build_peft_config(config: LieConfig, convs: list[str], attns: list[str], ove
         init_lora_weights=True,
         lie_mode=config.mode,
         lie_linear=config.attn_adapter == "lie",
+        lie_scaling_rule=config.balance,
     )
     return peft_config
+
+
+def balanced_overrides(model: nn.Module, config: LieConfig, convs: list[str], attns: list[str],
+                       overrides=None) -> dict[str, tuple[int, float]]:
+    """`overrides` plus (rank, alpha × balance factor of its kernel) for every other Lie module."""
+    result = dict(overrides or {})
+    lie_modules = [(n, config.conv_rank_alpha) for n in convs]
+    if config.attn_adapter == "lie":
+        lie_modules += [(n, config.attn_rank_alpha) for n in attns]
+    for name, (rank, alpha) in lie_modules:
+        if name not in result:
+            weight = unwrap_layer(model.get_submodule(name)).weight
+            result[name] = (rank, alpha * balance_factor(weight, config.balance))
+    return result
 
 
 def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_name: str, overrides) -> None:
@@ -152,13 +176,14 @@ def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "d
     """Inject adapter `adapter_name` into `model` in place; only adapter parameters stay trainable.
 
     Works on a diffusers UNet2DConditionModel (SD1.x/2.x/SDXL) and on a transformers CLIP text
-    encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`.
+    encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`; their
+    alphas are used as given (the balancing rule applies to the other Lie modules).
     The new factors are kept in float32 on a half-precision model (peft would cast them to the base
     dtype), so optimizer steps are not lost to rounding. On any error the model is left as it was.
     """
     convs, attns = find_targets(model, config)
     _check_targets(model, config, convs, attns, adapter_name, overrides)
-    peft_config = build_peft_config(config, convs, attns, overrides)
+    peft_config = build_peft_config(config, convs, attns, balanced_overrides(model, config, convs, attns, overrides))
     # Layers whose adapters were all deleted (e.g. diffusers' delete_adapters) are plain modules again.
     _replace_empty_tuner_layers(model, names=set(convs + attns))
     peft_loaded = getattr(model, "_hf_peft_config_loaded", None)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .functional import MODES
+from .functional import BALANCES, MODES
 from .inject import LieConfig, add_lie_adapters, find_targets, remove_adapter
 from .layers import LieLayerMixin, unwrap_layer
 
@@ -141,7 +141,8 @@ def save_lie_weights(
     for entry in entries:
         tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A
         tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(_lie_metadata(entries, models.get("unet")), sort_keys=True)}
+    info = _lie_metadata(entries, models.get("unet"), _balance_of(models.values(), adapter_name))
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
     lora_metadata = _lora_metadata(entries)
     if lora_metadata:
         metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)
@@ -184,12 +185,22 @@ def _collect(model: nn.Module, component: str, adapter_name: str) -> list[Module
     return entries
 
 
+def _balance_of(models, adapter_name: str) -> str:
+    """The balancing rule the adapter was built with ("none" for a LoRA-only or hand-built adapter)."""
+    configs = [(getattr(m, "peft_config", None) or {}).get(adapter_name) for m in models]
+    rules = {getattr(config, "lie_scaling_rule", "none") for config in configs}
+    rules.discard("none")
+    return rules.pop() if len(rules) == 1 else "none"
+
+
 def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _lie_metadata(entries: list[ModuleEntry], unet: nn.Module | None) -> dict:
-    """Defaults are the most common values (of the Lie section when there is one); overrides list the rest."""
+def _lie_metadata(entries: list[ModuleEntry], unet: nn.Module | None, balance: str) -> dict:
+    """Defaults are the most common values (of the Lie section when there is one); overrides list the rest.
+
+    `balance` names the rule that chose the Lie alphas; it is a label: the alphas themselves are stored."""
     lie = [e for e in entries if e.section == "lie"]
     reference = lie or entries
     rank = _most_common(e.rank for e in reference)
@@ -215,6 +226,7 @@ def _lie_metadata(entries: list[ModuleEntry], unet: nn.Module | None) -> dict:
         "mode": mode,
         "rank": rank,
         "alpha": alpha,
+        "balance": balance,
         "overrides": overrides,
         "targets": targets,
         "fingerprint": {"unet": unet_fingerprint(unet)} if unet is not None else {},
@@ -412,6 +424,8 @@ def _apply_lie_metadata(parsed: LieFile) -> None:
         )
     if not well_formed:
         raise ValueError(f"{path}: '{METADATA_KEY}' overrides/targets are malformed (see docs/FORMAT.md).")
+    if info.get("balance", "none") not in BALANCES:
+        raise ValueError(f"{path}: unknown balance {info['balance']!r} in the metadata; expected one of {BALANCES}.")
     for module in parsed.modules:
         values = {"rank": info.get("rank"), "alpha": info.get("alpha"), "mode": info.get("mode")}
         values.update(overrides.get(module.ref, {}))
@@ -567,7 +581,8 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
                 f"{component}: the file mixes LoRA and Lie adapters on Linear layers, which one adapter cannot hold"
             )
         if entries:
-            plans[component] = _component_plan(model, entries, lie_linear="lie" in linear_sections)
+            balance = (parsed.info or {}).get("balance", "none")
+            plans[component] = _component_plan(model, entries, lie_linear="lie" in linear_sections, balance=balance)
     if problems:
         diff = _fingerprint_diff(parsed, models.get("unet"))
         hint = f" The file was saved for another base model: {diff}." if diff else ""
@@ -586,7 +601,9 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
     return plans
 
 
-def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linear: bool) -> _ComponentPlan:
+def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linear: bool,
+                    balance: str) -> _ComponentPlan:
+    """Every module gets its file (rank, alpha) as an override: the balancing rule is never applied again."""
     reference = [e for e in entries.values() if e.section == "lie"] or list(entries.values())
     first = reference[0]
     convs = sorted(n for n in entries if isinstance(unwrap_layer(model.get_submodule(n)), nn.Conv2d))
@@ -595,6 +612,7 @@ def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linea
         rank=first.rank,
         alpha=first.alpha,
         mode=first.mode or "exp",
+        balance=balance,
         attn_adapter=("lie" if lie_linear else "lora") if linears else "none",
         conv_targets=tuple(re.escape(n) for n in convs),
         attn_targets=tuple(re.escape(n) for n in linears),

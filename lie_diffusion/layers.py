@@ -24,8 +24,8 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .functional import (MODES, LieFactor, _compute_dtype, _without_autocast, lie_conv2d, lie_linear, lie_multiplier,
-                         lie_weight)
+from .functional import (BALANCES, MODES, LieFactor, _compute_dtype, _without_autocast, lie_conv2d, lie_linear,
+                         lie_multiplier, lie_weight)
 
 
 # The peft_type a LieLoraConfig writes to adapter_config.json. Stock peft looks it up among its own types and
@@ -55,11 +55,19 @@ class LieLoraConfig(LoraConfig):
     lie_linear: bool = field(
         default=False, metadata={"help": "Linear targets get Lie adapters too (else LoRA that remembers merge scales)."}
     )
+    # LieConfig.balance; named to sort after `lie_diffusion` too (diffusers writes configs with sorted keys).
+    lie_scaling_rule: str = field(
+        default="none",
+        metadata={"help": "The balance rule that set the Lie modules' alphas (already in alpha_pattern)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.lie_mode not in MODES:
             raise ValueError(f"LieLoraConfig.lie_mode must be one of {MODES}, got {self.lie_mode!r}.")
+        if self.lie_scaling_rule not in BALANCES:
+            raise ValueError(f"LieLoraConfig.lie_scaling_rule must be one of {BALANCES}, "
+                             f"got {self.lie_scaling_rule!r}.")
         self._register_custom_module({nn.Conv2d: LieConv2d, nn.Linear: LieLinear if self.lie_linear else LoraLinear})
 
     def to_dict(self) -> dict:

@@ -130,6 +130,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
                         help="Lie update: 'exp' (W ⊙ exp Δ, the group update) or 'taylor' (W + W ⊙ Δ).")
     parser.add_argument("--attn_adapter", type=str, default="lora", choices=["lora", "lie", "none"],
                         help="Adapter on the attention projections (and on the text encoders).")
+    parser.add_argument("--lie_balance", type=str, default="rms", choices=["rms", "none"],
+                        help="Scale of each Lie adapter: 'rms' divides its alpha by the RMS of its kernel, so one "
+                             "learning rate moves Lie and LoRA weights alike; 'none': alpha / rank, as in LoRA.")
     parser.add_argument("--conv_rank", type=int, default=None, help="Rank of the conv Lie adapters (default: --rank).")
     parser.add_argument("--conv_alpha", type=float, default=None,
                         help="Alpha of the conv Lie adapters (default: --alpha, else the conv rank).")
@@ -254,7 +257,7 @@ def adapter_config(args) -> LieConfig:
     }
     return LieConfig(
         rank=conv_rank, alpha=conv_alpha, attn_rank=args.rank, attn_alpha=alpha, mode=args.lie_mode,
-        attn_adapter=args.attn_adapter, dropout=args.adapter_dropout, **targets,
+        balance=args.lie_balance, attn_adapter=args.attn_adapter, dropout=args.adapter_dropout, **targets,
     )
 
 

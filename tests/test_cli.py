@@ -30,7 +30,7 @@ def run_module(*args):
 def adapter(tmp_path_factory):
     pipe, path = make_adapter(
         tmp_path_factory.mktemp("cli-adapter"),
-        unet_config=LieConfig(rank=4, alpha=2, attn_rank=2),
+        unet_config=LieConfig(rank=4, alpha=2, attn_rank=2, balance="none"),
         text_encoder_config=LieConfig(rank=2),
         seed=3,
     )

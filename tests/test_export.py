@@ -211,7 +211,8 @@ def _adapted(root, kind):
     else:
         base, cls = build_tiny_sdxl_pipeline(root / "base"), StableDiffusionXLPipeline
     pipe = cls.from_pretrained(str(base))
-    add_lie_adapters(pipe.unet, LieConfig(rank=4, alpha=8, attn_rank=2, attn_alpha=1),
+    # balance="none": random N(0, 0.1) factors under the balanced scalings (alpha / RMS(W)) would give exp(Δ) ~ 1e7
+    add_lie_adapters(pipe.unet, LieConfig(rank=4, alpha=8, attn_rank=2, attn_alpha=1, balance="none"),
                      overrides={"mid_block.resnets.0.conv2": (6, 3.0)})
     randomize_adapters(pipe.unet, 0)
     pipe.unet.get_submodule("mid_block.resnets.0.conv1").lie_mode["default"] = "taylor"

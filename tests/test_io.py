@@ -98,7 +98,7 @@ def adapter(tmp_path_factory):
     """A pipeline with Lie convs (one rank override), LoRA attention and a LoRA text encoder; saved once."""
     pipe, path = make_adapter(
         tmp_path_factory.mktemp("adapter"),
-        unet_config=LieConfig(rank=4, alpha=8, attn_rank=2),
+        unet_config=LieConfig(rank=4, alpha=8, attn_rank=2, balance="none"),  # alphas as written, for the checks
         text_encoder_config=LieConfig(rank=2, alpha=1),
         overrides={"mid_block.resnets.0.conv1": (8, 2.0)},
     )
@@ -293,7 +293,7 @@ def test_load_lie_weights_names_the_route_for_a_stock_saved_lie_file(adapter, tm
     with pytest.raises(ValueError, match="save_lie_weights"):
         load_lie_weights(tiny_pipeline(), tmp_path)
     recovered = tiny_pipeline()  # the recovery the message describes
-    add_lie_adapters(recovered.unet, LieConfig(rank=4, alpha=8, attn_rank=2),
+    add_lie_adapters(recovered.unet, LieConfig(rank=4, alpha=8, attn_rank=2, balance="none"),
                      overrides={"mid_block.resnets.0.conv1": (8, 2.0)})
     state = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     set_peft_model_state_dict(recovered.unet, {k.removeprefix("unet."): v for k, v in state.items()})
@@ -315,8 +315,8 @@ def test_stock_diffusers_ignores_a_lie_only_file(tmp_path):
 
 
 def test_named_adapters_compose_in_the_algebra(tmp_path):
-    _, path_a = make_adapter(tmp_path / "a", unet_config=LieConfig(rank=4, alpha=2), seed=1)
-    _, path_b = make_adapter(tmp_path / "b", unet_config=LieConfig(rank=2, alpha=4), seed=2)
+    _, path_a = make_adapter(tmp_path / "a", unet_config=LieConfig(rank=4, alpha=2, balance="none"), seed=1)
+    _, path_b = make_adapter(tmp_path / "b", unet_config=LieConfig(rank=2, alpha=4, balance="none"), seed=2)
     pipe = tiny_pipeline()
     load_lie_weights(pipe, path_a, adapter_name="a")
     load_lie_weights(pipe, path_b, adapter_name="b", scale=3.0)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 # Text encoders get LoRA with alpha != rank, each its own: a wrong alpha in any section shows in the outputs.
 CONFIGS = {
-    "unet": LieConfig(rank=4, alpha=2),  # Lie on convs, LoRA on attention
+    "unet": LieConfig(rank=4, alpha=2, balance="none"),  # Lie on convs, LoRA on attention; alphas as written
     "text_encoder": LieConfig(rank=2, alpha=4),
     "text_encoder_2": LieConfig(rank=2, alpha=1),
 }
