@@ -97,8 +97,10 @@ class Method:
 
 
 METHODS = (
-    Method("lie-default", "Lie exp on the convs + LoRA on attention (the script's defaults)",
-           ("--lie_mode", "exp", "--attn_adapter", "lora")),
+    Method("lie-default", "Lie exp on the convs (balanced: alpha / RMS(W)) + LoRA on attention (the script's defaults)",
+           ("--lie_mode", "exp", "--attn_adapter", "lora", "--lie_balance", "rms")),
+    Method("lie-unbalanced", "the previous default: Lie exp on the convs with alpha / rank + LoRA on attention",
+           ("--lie_mode", "exp", "--attn_adapter", "lora", "--lie_balance", "none")),
     Method("lie-taylor", "Lie taylor on the convs + LoRA on attention", ("--lie_mode", "taylor", "--attn_adapter", "lora")),
     Method("lie-attn-lie", "Lie exp on the convs and on attention (`--attn_adapter lie`)",
            ("--lie_mode", "exp", "--attn_adapter", "lie")),

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lie_diffusion.functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_weight
+from lie_diffusion.functional import (BALANCE_MIN_RMS, LieFactor, balance_factor, lie_conv2d, lie_delta, lie_linear,
+                                     lie_multiplier, lie_weight)
 
 # (in, out, kernel, stride, padding, dilation): the geometries SD's UNet uses, plus dilation and a rectangle.
 CONV_GEOMETRIES = {
@@ -316,3 +317,39 @@ def test_autocast_bf16(op):
         for g, w in ((got.A.grad, want.A.grad), (got.B.grad, want.B.grad)):
             assert g.dtype == torch.float32 and torch.isfinite(g).all()
             torch.testing.assert_close(g, w, rtol=0.05, atol=0.05 * w.abs().max().item())
+
+
+# --- the balancing rule ----------------------------------------------------------------------------------
+
+
+def test_balance_factor_is_one_over_the_kernel_rms():
+    W = torch.randn(8, 6, 3, 3) * 0.05
+    rms = (W.double() ** 2).sum().item() / W.numel()
+    assert balance_factor(W, "rms") == pytest.approx(1 / rms**0.5, rel=1e-12)
+    assert balance_factor(W.half(), "rms") == pytest.approx(1 / rms**0.5, rel=1e-3)  # read in float64 whatever W's dtype
+    assert balance_factor(W, "none") == 1.0
+    # a near-zero kernel counts as RMS 1e-3: no factor that would make exp overflow after a few steps
+    assert balance_factor(torch.zeros(4, 4, 1, 1), "rms") == pytest.approx(1 / BALANCE_MIN_RMS)
+    assert balance_factor(torch.full((4, 4), 1e-9), "rms") == pytest.approx(1 / BALANCE_MIN_RMS)
+
+
+def test_balanced_factor_step_moves_the_kernel_as_far_as_a_lora_step():
+    """The rule's promise, checked on a kernel: the same small B step, with alpha / rank × 1/RMS(W), moves
+    W ⊙ exp(Δ) by about as much (RMS) as it moves W + Δ under plain LoRA scaling."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 32, 3, 3, generator=generator, dtype=torch.float64) * 0.03
+    A = torch.randn(4, 32, 3, 3, generator=generator, dtype=torch.float64) / 10
+    step = torch.randn(64, 4, 1, 1, generator=generator, dtype=torch.float64) * 1e-3
+    lora_move = ref_delta(A, step, 1.0, W.shape)
+    balanced = ref_weight(W, [LieFactor(A, step, balance_factor(W, "rms"), "exp")]) - W
+    unbalanced = ref_weight(W, [LieFactor(A, step, 1.0, "exp")]) - W
+    ratio = balanced.pow(2).mean().sqrt() / lora_move.pow(2).mean().sqrt()
+    assert 0.9 < ratio < 1.1
+    assert unbalanced.pow(2).mean().sqrt() / lora_move.pow(2).mean().sqrt() < 0.05  # |W| times less without it
+
+
+def test_balance_rejects_unknown_rules_and_broken_kernels():
+    with pytest.raises(ValueError, match="Unknown Lie balance 'max'"):
+        balance_factor(torch.ones(2, 2), "max")
+    with pytest.raises(ValueError, match=r"kernel \(2, 2\) holds NaN/inf"):
+        balance_factor(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "rms")

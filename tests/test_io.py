@@ -538,3 +538,56 @@ def test_read_lie_file_describes_without_a_model(adapter):
     assert parsed.path == adapter.path and parsed.components == ["unet", "text_encoder"]
     override = next(m for m in parsed.modules if m.module == "mid_block.resnets.0.conv1")
     assert (override.section, override.rank, override.alpha, override.mode) == ("lie", 8, 2.0, "exp")
+
+
+# ------------------------------------------------------------------------------------------ balancing rule
+
+
+def _rewrite_lie_metadata(path, edit) -> None:
+    """Rewrite a file with its `lie_diffusion` metadata changed by `edit(info)` (e.g. as an older writer made it)."""
+    with safe_open(str(path), framework="pt") as file:
+        header = file.metadata()
+    info = json.loads(header["lie_diffusion"])
+    edit(info)
+    save_file(load_file(path), path, metadata={**header, "lie_diffusion": json.dumps(info)})
+
+
+def test_balanced_file_stores_its_alphas_and_reloads_them_without_balancing_again(tmp_path):
+    pipe, path = make_adapter(tmp_path / "adapter", unet_config=LieConfig(rank=4, alpha=2))  # default: rms
+    rms = pipe.unet.get_submodule(CONV).get_base_layer().weight.double().pow(2).mean().sqrt().item()
+    parsed = read_lie_file(path)
+    assert parsed.info["balance"] == "rms"
+    alphas = {m.ref: m.alpha for m in parsed.modules}
+    assert alphas[f"unet.{CONV}"] == pytest.approx(2 / rms)
+    assert alphas[f"unet.{LINEAR}"] == 2.0  # LoRA attention keeps alpha / rank
+
+    fresh = tiny_pipeline()
+    load_lie_weights(fresh, path)
+    assert max_diff(outputs(fresh), outputs(pipe)) <= TOL
+    # Another base (this kernel doubled): the file's alpha is used as stored, never recomputed from the new W.
+    other = tiny_pipeline()
+    with torch.no_grad():
+        other.unet.get_submodule(CONV).weight.mul_(2)
+    load_lie_weights(other, path)
+    assert other.unet.get_submodule(CONV).scaling["default"] == pytest.approx(2 / rms / 4)
+    # Saving the loaded adapter again writes the same alphas and the rule's name.
+    again = read_lie_file(save_lie_weights(tmp_path / "again", fresh.unet, fresh.text_encoder))
+    assert again.info["balance"] == "rms" and {m.ref: m.alpha for m in again.modules} == alphas
+
+
+def test_files_written_before_the_balancing_rule_load_as_before(tmp_path):
+    pipe, path = make_adapter(tmp_path, unet_config=LieConfig(rank=4, alpha=2, balance="none"))
+    _rewrite_lie_metadata(path, lambda info: info.pop("balance"))
+    fresh = tiny_pipeline()
+    load_lie_weights(fresh, path)
+    assert fresh.unet.get_submodule(CONV).scaling["default"] == 0.5  # alpha / rank
+    assert max_diff(outputs(fresh), outputs(pipe)) <= TOL
+
+
+def test_unknown_balance_rule_in_a_file_is_refused(tmp_path):
+    _, path = make_adapter(tmp_path)
+    _rewrite_lie_metadata(path, lambda info: info.update(balance="max"))
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=r"unknown balance 'max'"):
+        load_lie_weights(pipe, path)
+    assert not any(isinstance(m, LoraLayer) for m in pipe.unet.modules())
