@@ -75,6 +75,9 @@ def test_sidecar_captions_fallback_and_error(tmp_path):
                f"(no caption file {folder / 'black.txt'}); {folder / 'blue.png'} ({folder / 'blue.txt'} is empty)")
     with pytest.raises(training.TrainingError, match=re.escape(message)):
         _prompts(args, folder)
+    args.output_dir = str(tmp_path / "out")
+    with pytest.raises(training.TrainingError, match=re.escape(message)):
+        train.main(args)  # at start-up: before the model (here a path that does not exist) loads
     # Class images fall back to the class prompt even then: the script generates them without captions.
     class_dir = _images(tmp_path / "class", ["white", "black"])
     (class_dir / "white.txt").write_text("a toy on white")
