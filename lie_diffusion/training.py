@@ -52,6 +52,7 @@ from .io import WEIGHT_NAME, load_lie_weights, read_lie_file, save_lie_weights
 logger = get_logger(__name__)
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+METADATA = "metadata.jsonl"  # per-image captions, the layout diffusers' image-folder data sets use
 # torchvision's InterpolationMode names (what diffusers' flag accepts), mapped onto PIL filters.
 INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -105,6 +106,17 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION),
                         help="The filter used to resize images.")
     parser.add_argument("--repeats", type=int, default=1, help="How many times to repeat the instance images.")
+    # Captions (instance and class images alike); the prompts above are the fallback
+    parser.add_argument("--caption_extension", type=_extension, default=None,
+                        help="Per-image captions in sidecar files, kohya's convention: the first line of "
+                             "image.txt captions image.png for '.txt'.")
+    parser.add_argument("--caption_column", type=str, default=None,
+                        help=f"Per-image captions from a {METADATA} in the image folder: one JSON object a line "
+                             "with 'file_name' and this column (usually 'text').")
+    parser.add_argument("--missing_caption", type=str, default="fallback", choices=["fallback", "error"],
+                        help="An instance image without a caption (no caption file, an empty one, no metadata line) "
+                             "trains with --instance_prompt ('fallback'), or stops the run at start-up ('error'). "
+                             "Class images without one always take --class_prompt.")
     # Prior preservation
     parser.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
     parser.add_argument("--class_data_dir", type=str, default=None, help="A folder with the class images.")
@@ -215,12 +227,23 @@ def _boolean(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _extension(value: str) -> str:
+    """argparse type for --caption_extension: 'txt' and '.txt' both mean '.txt'."""
+    if not value.strip("."):
+        raise argparse.ArgumentTypeError(f"expected a file extension such as .txt, got {value!r}")
+    return "." + value.lstrip(".")
+
+
 def check_args(args):
     """Catch what would otherwise fail after minutes of model loading, with a message that says what to do.
 
     Returns `args`."""
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+    if args.caption_extension and args.caption_column:
+        raise TrainingError("--caption_extension and --caption_column are two sources of captions: give one.")
+    if args.missing_caption == "error" and not (args.caption_extension or args.caption_column):
+        raise TrainingError("--missing_caption error needs captions: --caption_extension or --caption_column.")
     if args.train_text_encoder and args.attn_adapter == "none":
         raise TrainingError("--train_text_encoder needs text encoder adapters: use --attn_adapter lora or lie.")
     if args.enable_xformers_memory_efficient_attention and not (is_xformers_available() and torch.cuda.is_available()):
@@ -264,13 +287,23 @@ def adapter_config(args) -> LieConfig:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def list_images(directory, role):
-    """The readable image files of `directory`, sorted; unreadable ones are skipped with a warning."""
+def caption_files(args) -> tuple[str, ...]:
+    """How the names of caption files end: they sit among the images and are not worth a warning."""
+    if args.caption_extension:
+        return (args.caption_extension,)
+    return (METADATA,) if args.caption_column else ()
+
+
+def list_images(directory, role, captions=()):
+    """The readable image files of `directory`, sorted; unreadable ones are skipped with a warning, caption
+    files (names ending in one of `captions`) silently."""
     directory = Path(directory)
     if not directory.is_dir():
         raise TrainingError(f"{role} directory {directory} does not exist.")
     images = []
     for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if path.name.endswith(captions):
+            continue
         try:
             with Image.open(path) as image:
                 image.load()
@@ -279,6 +312,101 @@ def list_images(directory, role):
         else:
             images.append(path)
     return images
+
+
+@dataclass
+class ImageSet:
+    """The images of one role (instance or class) and the prompt each trains with: its caption, else the
+    role's prompt."""
+
+    images: list[Path]
+    prompts: list[str]
+
+
+def caption_images(args, directory, images, prompt, role) -> ImageSet:
+    """Pair each image with its caption (--caption_extension or --caption_column), else with `prompt`.
+
+    Runs at start-up: a caption problem stops the run before any model loads, naming the file (and line).
+    Only instance images obey --missing_caption error: class images are often generated, and those have
+    no caption.
+    """
+    if args.caption_extension:
+        found = {image: sidecar_caption(image, args.caption_extension) for image in images}
+    elif args.caption_column:
+        found = metadata_captions(directory, images, args.caption_column, required=role == "Instance")
+    else:
+        return ImageSet(images, [prompt] * len(images))
+    missing = [f"{image} ({why})" for image, (caption, why) in found.items() if not caption]
+    if missing and role == "Instance" and args.missing_caption == "error":
+        raise TrainingError(f"{len(missing)} instance image(s) without a caption (--missing_caption error): "
+                            + "; ".join(missing[:5]) + ("; ..." if len(missing) > 5 else ""))
+    logger.info(f"{role} images: {len(images) - len(missing)} with their own caption, "
+                f"{len(missing)} with the prompt {prompt!r}.")
+    return ImageSet(images, [caption or prompt for caption, _ in found.values()])
+
+
+def _read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the caption
+    except UnicodeDecodeError as error:
+        raise TrainingError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+
+
+def sidecar_caption(image, extension):
+    """(caption or None, why there is none): the first line of the file beside `image`, as kohya reads it."""
+    path = image.with_suffix(extension)
+    if not path.is_file():
+        return None, f"no caption file {path}"
+    lines = _read_text(path).splitlines()
+    caption = lines[0].strip() if lines else ""
+    return caption or None, f"{path} {'starts with an empty line' if lines else 'is empty'}"
+
+
+def metadata_captions(directory, images, column, required):
+    """{image: (caption or None, why there is none)} from `directory`/metadata.jsonl: one JSON object a line,
+    with the image's `file_name` and its caption in `column`, as diffusers' image-folder scripts read it.
+
+    A folder without the file gives no captions, unless `required`. A line that is no JSON object, names a
+    file that is not there, or repeats one stops the run; so does a `column` that no line has (a typo).
+    """
+    directory = Path(directory)
+    path = directory / METADATA
+    if not path.is_file():
+        if required:
+            raise TrainingError(f"--caption_column {column}: {directory} has no {METADATA}.")
+        return {image: (None, f"no {path}") for image in images}
+    rows, columns = {}, set()
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TrainingError(f"{where}: not valid JSON ({error.msg}, column {error.colno}).") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise TrainingError(f"{where}: expected a JSON object with a \"file_name\" string.")
+        name = row["file_name"]
+        if len(Path(name).parts) != 1:
+            raise TrainingError(f"{where}: {name!r} is not a file name in {directory} (subfolders are not read).")
+        if not (directory / name).is_file():
+            raise TrainingError(f"{where}: {directory / name} does not exist.")
+        if name in rows:
+            raise TrainingError(f"{where}: {name!r} again (first on line {rows[name][0]}).")
+        caption = row.get(column)
+        if caption is not None and not isinstance(caption, str):
+            raise TrainingError(f"{where}: {column!r} of {name!r} is a {type(caption).__name__}, not a string.")
+        rows[name] = (number, (caption or "").strip())
+        columns |= row.keys()
+    if rows and column not in columns:
+        raise TrainingError(f"--caption_column {column}: no line of {path} has it "
+                            f"(its columns: {', '.join(sorted(columns))}).")
+    found = {}
+    for image in images:
+        number, caption = rows.get(image.name, (None, ""))
+        why = f"no line of {path} names it" if number is None else f"{path}, line {number}: empty {column!r}"
+        found[image] = (caption or None, why)
+    return found
 
 
 def load_rgb(path):
@@ -297,11 +425,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     Random crops and flips draw from a generator seeded by (seed, epoch, index), not from the global
     RNG: the data a step sees then depends only on its position, which makes resuming exact. Each
     example also carries the image's original (height, width) and the crop's (top, left) in the
-    resized image: SDXL's micro-conditioning.
+    resized image (SDXL's micro-conditioning), and its prompt from `instance_prompts` / `class_prompts`
+    (one per image, in order; without them, None): captions vary per image, so the batch says which.
     """
 
-    def __init__(self, instance_images, class_images, size, center_crop, random_flip, interpolation, repeats, seed):
+    def __init__(self, instance_images, class_images, size, center_crop, random_flip, interpolation, repeats, seed,
+                 instance_prompts=None, class_prompts=None):
         self.instance_images, self.class_images = instance_images, class_images
+        self.instance_prompts = instance_prompts or [None] * len(instance_images)
+        self.class_prompts = class_prompts or [None] * len(class_images)
         self.size, self.center_crop, self.random_flip = size, center_crop, random_flip
         self.interpolation, self.seed, self.epoch = INTERPOLATION[interpolation], seed, 0
         self._length = max(len(instance_images) * repeats, len(class_images))
@@ -328,23 +460,28 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         example = {}
-        sources = [("instance", self.instance_images)] + ([("class", self.class_images)] if self.class_images else [])
-        for role, images in sources:
+        sources = [("instance", self.instance_images, self.instance_prompts)]
+        if self.class_images:
+            sources.append(("class", self.class_images, self.class_prompts))
+        for role, images, prompts in sources:
             pixels, original_size, crop = self.transform(load_rgb(images[index % len(images)]), rng)
             example[role] = pixels
             example[f"{role}_size_crop"] = original_size + crop
+            example[f"{role}_prompt"] = prompts[index % len(images)]
         return example
 
 
 def collate_fn(examples):
     """Instance images first, then class images: one forward pass serves both losses.
 
-    `size_crops` holds (original height, original width, crop top, crop left) per image, same order.
+    `size_crops` holds (original height, original width, crop top, crop left) per image, and `prompts` the
+    prompt of each image, same order.
     """
     roles = ["instance"] + (["class"] if "class" in examples[0] else [])
     images = [e[role] for role in roles for e in examples]
     size_crops = [e[f"{role}_size_crop"] for role in roles for e in examples]
-    return {"pixel_values": torch.stack(images), "size_crops": torch.tensor(size_crops)}
+    prompts = [e[f"{role}_prompt"] for role in roles for e in examples]
+    return {"pixel_values": torch.stack(images), "size_crops": torch.tensor(size_crops), "prompts": prompts}
 
 
 def fast_sampler(pipeline):
@@ -363,7 +500,7 @@ def generate_class_images(args, accelerator, load_pipeline):
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    existing = len(list_images(class_dir, "Class"))
+    existing = len(list_images(class_dir, "Class", caption_files(args)))
     missing = args.num_class_images - existing
     if missing <= 0:
         return
@@ -404,7 +541,7 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
 
     `load_pipeline(torch_dtype, **components)` loads the base pipeline (for class images and validation).
     `find_unused_parameters`: some trained adapters may get no gradient in a step (DDP must not wait for them).
-    Returns (accelerator, instance_images, class_images).
+    Returns (accelerator, instance, class_): the `ImageSet`s (images and their prompts) of each role.
     """
     accelerator = Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -421,9 +558,10 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
     # Data first: a bad folder should fail in a second, not after the models have loaded.
-    instance_images = list_images(args.instance_data_dir, "Instance")
+    instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
     if not instance_images:
         raise TrainingError(f"Instance directory {args.instance_data_dir} holds no readable images.")
+    instance = caption_images(args, args.instance_data_dir, instance_images, args.instance_prompt, "Instance")
 
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
@@ -437,19 +575,20 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
         # Different noise on each process; the adapters still start equal (DDP broadcasts rank 0's).
         set_seed(args.seed, device_specific=True)
 
-    class_images = []
+    class_ = ImageSet([], [])
     if args.with_prior_preservation:
         generate_class_images(args, accelerator, load_pipeline)
-        class_images = list_images(args.class_data_dir, "Class")[: args.num_class_images]
+        class_images = list_images(args.class_data_dir, "Class", caption_files(args))[: args.num_class_images]
         if not class_images:
             raise TrainingError(f"Class directory {args.class_data_dir} holds no readable images.")
+        class_ = caption_images(args, args.class_data_dir, class_images, args.class_prompt, "Class")
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return accelerator, instance_images, class_images
+    return accelerator, instance, class_
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
@@ -534,12 +673,12 @@ def build_optimizer(args, accelerator, trained_models):
     return optimizer, unet_params + text_encoder_params
 
 
-def build_dataloader(args, accelerator, instance_images, class_images):
-    """The DreamBooth data set and its loader, both keyed by the seed so that resuming is exact."""
+def build_dataloader(args, accelerator, instance, class_):
+    """The DreamBooth data set of the `ImageSet`s and its loader, both keyed by the seed so that resuming is exact."""
     data_seed = args.seed if args.seed is not None else int(torch.randint(2**31, ()).item())
     dataset = DreamBoothDataset(
-        instance_images, class_images, args.resolution, args.center_crop, args.random_flip,
-        args.image_interpolation_mode, args.repeats, data_seed,
+        instance.images, class_.images, args.resolution, args.center_crop, args.random_flip,
+        args.image_interpolation_mode, args.repeats, data_seed, instance.prompts, class_.prompts,
     )
     dataloader = torch.utils.data.DataLoader(
         dataset,
@@ -950,6 +1089,12 @@ def save_model_card(args, images, family, components):
     tags = "\n".join(f"- {tag}" for tag in ("text-to-image", "diffusers", "diffusers-training", *family.tags,
                                              "lora", "lie-diffusion", "dreambooth"))
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    captions = ""
+    if args.caption_extension or args.caption_column:
+        source = (f"`*{args.caption_extension}` files beside the images" if args.caption_extension
+                  else f"the `{args.caption_column}` column of each image folder's `{METADATA}`")
+        captions = (f" Each image was trained with its own caption, from {source}; images without one used the "
+                    "instance (or class) prompt.")
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
 instance_prompt: {json.dumps(args.instance_prompt)}
@@ -965,7 +1110,7 @@ inference: true
 Lie-group adapter (LieRA) weights for `{args.pretrained_model_name_or_path}`, trained with
 [DreamBooth](https://dreambooth.github.io/) on the prompt `{args.instance_prompt}`. The UNet's
 convolutions carry Lie adapters (`--lie_mode {args.lie_mode}`, W' = W ⊙ exp(Δ)); attention layers carry
-`{args.attn_adapter}` adapters. Trained components: {", ".join(components)}.{f" VAE used in training: `{vae}`." if vae else ""}
+`{args.attn_adapter}` adapters. Trained components: {", ".join(components)}.{f" VAE used in training: `{vae}`." if vae else ""}{captions}
 
 {gallery}
 ## How to use

@@ -14,6 +14,7 @@ the UNet's convolutions get Lie adapters (W' = W ⊙ exp(Δ)) and its attention 
 """
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -46,7 +47,7 @@ def main(args):
             revision=args.revision, variant=args.variant, **components,
         )
 
-    accelerator, instance_images, class_images = training.start_run(args, load_pipeline)
+    accelerator, instance_data, class_data = training.start_run(args, load_pipeline)
 
     # Load the tokenizer, scheduler and models; only the adapters train (fp32, frozen weights in the weight dtype).
     if args.tokenizer_name:
@@ -65,16 +66,14 @@ def main(args):
     adapted_models = dict(zip(["unet", "text_encoder"], trained_models))
     optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
 
-    # Prompts are fixed: tokenize them once.
+    # Each image's prompt (its caption, or the instance / class prompt) comes with the batch; tokenize each once.
+    @functools.cache
     def tokenize(prompt):
         return tokenizer(
             prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids.to(accelerator.device)
 
-    instance_ids = tokenize(args.instance_prompt)
-    class_ids = tokenize(args.class_prompt) if args.with_prior_preservation else None
-
-    train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_images, class_images)
+    train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_data, class_data)
     lr_scheduler = training.build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
     *trained_models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *trained_models, optimizer, train_dataloader, lr_scheduler
@@ -92,16 +91,13 @@ def main(args):
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-        num_instances = bsz if class_ids is None else bsz // 2
-        input_ids = instance_ids.expand(num_instances, -1)
-        if class_ids is not None:
-            input_ids = torch.cat([input_ids, class_ids.expand(bsz - num_instances, -1)])
+        input_ids = torch.cat([tokenize(prompt) for prompt in batch["prompts"]])
         with torch.set_grad_enabled(args.train_text_encoder):
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
 
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         target = training.noise_target(noise_scheduler, latents, noise, timesteps)
-        return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, class_ids is not None)
+        return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, args.with_prior_preservation)
 
     def validation_pipeline():
         return load_pipeline(

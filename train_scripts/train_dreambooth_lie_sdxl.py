@@ -18,6 +18,7 @@ What both DreamBooth scripts share (data, checkpoints, the loop) is in `lie_diff
 """
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -94,7 +95,7 @@ def main(args):
 
     # The first text encoder's last layer feeds nothing (SDXL reads its penultimate hidden states):
     # with --train_text_encoder its adapters get no gradient, which DDP must be told about.
-    accelerator, instance_images, class_images = training.start_run(args, load_pipeline, find_unused_parameters=True)
+    accelerator, instance_data, class_data = training.start_run(args, load_pipeline, find_unused_parameters=True)
 
     # Tokenizers, scheduler and models. EDM models (e.g. Playground v2.5) always train EDM-style.
     tokenizers = [
@@ -132,7 +133,9 @@ def main(args):
         latents_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(accelerator.device)
         latents_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(accelerator.device)
 
-    # Prompts are fixed: tokenize once; without text encoder training, encode once too.
+    # Each image's prompt (its caption, or the instance / class prompt) comes with the batch. Each distinct
+    # prompt of a batch is encoded once; without text encoder training, once for the whole run.
+    @functools.cache
     def tokenize(prompt):
         return [
             tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -149,20 +152,17 @@ def main(args):
             hidden.append(output.hidden_states[-2])
         return torch.cat(hidden, dim=-1), output.text_embeds
 
-    prompt_ids = [tokenize(args.instance_prompt)]
-    if args.with_prior_preservation:
-        prompt_ids.append(tokenize(args.class_prompt))
-    cached_embeddings = None
-    if not args.train_text_encoder:
-        with torch.no_grad():
-            cached_embeddings = [encode(ids) for ids in prompt_ids]
+    cached_embeddings = {}
 
-    def embeddings(bsz):
-        """(hidden states, pooled) for a batch: instance prompt first, then class prompt, as in the batch."""
-        counts = [bsz] if len(prompt_ids) == 1 else [bsz // 2, bsz - bsz // 2]
-        encoded = cached_embeddings or [encode(ids) for ids in prompt_ids]
-        hidden = torch.cat([h.expand(n, -1, -1) for (h, _), n in zip(encoded, counts)])
-        pooled = torch.cat([p.expand(n, -1) for (_, p), n in zip(encoded, counts)])
+    def embeddings(prompts):
+        """(hidden states, pooled) for a batch, one row per prompt."""
+        encoded = {}
+        for prompt in dict.fromkeys(prompts):  # distinct, in batch order
+            encoded[prompt] = cached_embeddings[prompt] if prompt in cached_embeddings else encode(tokenize(prompt))
+        if not args.train_text_encoder:
+            cached_embeddings.update(encoded)
+        hidden = torch.cat([encoded[prompt][0] for prompt in prompts])
+        pooled = torch.cat([encoded[prompt][1] for prompt in prompts])
         return hidden, pooled
 
     def time_ids(size_crops):
@@ -173,7 +173,7 @@ def main(args):
         target = torch.tensor([args.resolution, args.resolution]).expand(len(ids), 2)
         return torch.cat([ids, target], dim=1).to(accelerator.device, dtype=weight_dtype)
 
-    train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_images, class_images)
+    train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_data, class_data)
     lr_scheduler = training.build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
     *trained_models, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         *trained_models, optimizer, train_dataloader, lr_scheduler
@@ -191,7 +191,7 @@ def main(args):
                 latents = (latents - latents_mean) * vae.config.scaling_factor / latents_std
             latents = latents.to(weight_dtype)
         noise = torch.randn_like(latents)
-        bsz = latents.shape[0]
+        bsz, with_prior = latents.shape[0], args.with_prior_preservation
         if args.do_edm_style_training:
             # EDM conditions on noise levels: draw indices into the scheduler's (sigma-derived) timesteps.
             indices = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,))
@@ -208,13 +208,13 @@ def main(args):
                 model_input = noisy_latents / (sigmas**2 + 1) ** 0.5
 
         with torch.set_grad_enabled(args.train_text_encoder):
-            prompt_embeds, pooled = embeddings(bsz)
+            prompt_embeds, pooled = embeddings(batch["prompts"])
         conditions = {"text_embeds": pooled, "time_ids": time_ids(batch["size_crops"])}
         model_pred = unet(model_input, timesteps, prompt_embeds, added_cond_kwargs=conditions, return_dict=False)[0]
 
         if not args.do_edm_style_training:
             target = training.noise_target(noise_scheduler, latents, noise, timesteps)
-            return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, len(prompt_ids) > 1)
+            return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, with_prior)
         # EDM: turn the prediction into an estimate of the clean latents, the target.
         weighting = None
         if edm_model:
@@ -225,7 +225,7 @@ def main(args):
             else:  # v_prediction
                 model_pred = model_pred * (-sigmas / (sigmas**2 + 1) ** 0.5) + noisy_latents / (sigmas**2 + 1)
             weighting = sigmas**-2.0
-        return training.denoising_loss(args, noise_scheduler, model_pred, latents, timesteps, len(prompt_ids) > 1, weighting)
+        return training.denoising_loss(args, noise_scheduler, model_pred, latents, timesteps, with_prior, weighting)
 
     validation_kwargs = {}
     if args.crops_coords_top_left_h is not None:
