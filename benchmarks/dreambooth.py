@@ -88,6 +88,16 @@ VALIDATION_SUBJECTS = ("frog face", "slice of pizza")
 DEFAULT_SIZE = {"subjects": 6, "seeds": 3, "val_subjects": 1}  # the issue's size: >= 6 subjects x 3 seeds
 
 
+def subject_split(args) -> tuple[list[str], list[str]]:
+    """(subjects every method trains on, validation subjects of the lr sweep). `--split validation` trains on
+    the validation subjects instead of the test ones: for choosing a rule or a grid without seeing the test."""
+    pool = TEST_SUBJECTS if args.split == "test" else VALIDATION_SUBJECTS
+    subjects, validation = list(pool[:args.subjects]), list(VALIDATION_SUBJECTS[:args.val_subjects])
+    if set(subjects) & set(validation):
+        raise ValueError("--split validation trains on the validation subjects: give --val-subjects 0")
+    return subjects, validation
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -122,11 +132,12 @@ def selected_methods(args) -> dict[str, Method]:
         chosen[name] = Method(name, f"Lie default with `{flags}`", (*BY_NAME[REFERENCE].script_flags, *shlex.split(flags)))
     return chosen
 REFERENCE = "lie-default"
-# Per-method learning-rate grids (3 values each). Lie and HiRA conv updates are W ⊙ Δ: the same factor
-# step moves a kernel |W| times less than LoRA's BA, so their grids sit 3x higher. Placed from a trial on
-# an earlier checkpoint of the pipeline (Lie default best at 1e-2, LoRA on convs + attention at 3e-3).
+# Per-method learning-rate grids (3 values each). The balanced Lie default moves its kernels as far as LoRA
+# does per step, so it shares LoRA's grid; unbalanced Lie and HiRA conv updates are W ⊙ Δ, |W| times smaller
+# per factor step, so their grids sit 3x higher. Placed from trials on the validation subject.
 LR_GRIDS = {
-    "lie-default": (3e-3, 1e-2, 3e-2),
+    "lie-default": (1e-3, 3e-3, 1e-2),
+    "lie-unbalanced": (3e-3, 1e-2, 3e-2),
     "lie-taylor": (3e-3, 1e-2, 3e-2),
     "lie-attn-lie": (3e-3, 1e-2, 3e-2),
     "lora-attn": (1e-3, 3e-3, 1e-2),
@@ -367,7 +378,7 @@ class Bench:
         self.methods = selected_methods(args)
         self.budget = equal_budget(base.unet, list(self.methods.values()), args.rank)
         self.class_dir = workdir / "class-images"
-        names = TEST_SUBJECTS[:args.subjects] + VALIDATION_SUBJECTS[:args.val_subjects]
+        names = sum(subject_split(args), [])
         seen = [n for n in names if n not in self.renders.held_out]
         if seen:
             raise ValueError(f"subjects {seen} are not among the data set's held-out (never pretrained) emoji")
@@ -425,9 +436,17 @@ class Bench:
         return pipeline, B.count_params(kept["params"])
 
     def run(self, method_name: str, subject_name: str, seed: int, lr: float) -> tuple[dict, dict]:
+        """Train and score one case. A run that stops on a NaN loss is a result too: its record says where
+        ("stopped"), without metrics, and its sample is black."""
         method, subject = self.methods[method_name], self.subjects[subject_name]
         start = time.perf_counter()
-        pipeline, size = self.train(method, subject, seed, lr)
+        try:
+            pipeline, size = self.train(method, subject, seed, lr)
+        except training.TrainingError as error:
+            self.log(f"  {method.name:20s} {subject_name:18s} seed {seed} lr {lr:g}: stopped: {error}")
+            record = {"method": method.name, "subject": subject_name, "seed": seed, "lr": lr, "stopped": str(error),
+                      "train_s": time.perf_counter() - start, "eval_s": 0.0}
+            return record, {"subject": np.zeros((1, 32, 32, 3), np.uint8)}
         if size != self.budget["trainable_params"][method.name]:
             raise RuntimeError(f"{method.name} trained {size:,} parameters, its budget says "
                                f"{self.budget['trainable_params'][method.name]:,}")
@@ -444,8 +463,8 @@ def choose_lr(records: list[dict]) -> float:
     """The lr with the best mean validation subject similarity + prior similarity: both are cosines in the
     judge's embedding, so this is the subject likeness gained minus the likeness of other emoji lost."""
     by_lr = {}
-    for r in records:
-        by_lr.setdefault(r["lr"], []).append(r["subject_similarity"] + r["prior_similarity"])
+    for r in records:  # a run stopped by a NaN loss counts as the worst score
+        by_lr.setdefault(r["lr"], []).append(-2.0 if "stopped" in r else r["subject_similarity"] + r["prior_similarity"])
     return max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
@@ -515,8 +534,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
     b = bench.budget
     log(f"ranks: {b['rank']} (convs and attention), attention-only LoRA {b['attn_only_rank']}; trainable params "
         + ", ".join(f"{k} {v:,}" for k, v in b["trainable_params"].items()))
-    subjects, seeds = list(TEST_SUBJECTS[:args.subjects]), list(range(args.seeds))
-    validation = list(VALIDATION_SUBJECTS[:args.val_subjects])
+    (subjects, validation), seeds = subject_split(args), list(range(args.seeds))
     base_prior = {k: statistics.mean(bench.base_scores[s][k] for s in subjects + validation)
                   for k in ("prior_accuracy", "prior_similarity")}
     log(f"base model: prior accuracy {base_prior['prior_accuracy']:.3f}, similarity {base_prior['prior_similarity']:.3f} "
@@ -601,7 +619,7 @@ def mean_std(values) -> tuple[float, float]:
 
 def summarize(results: dict) -> dict:
     """Per method: mean ± std of each metric over subjects × seeds; paired differences against REFERENCE."""
-    runs = results["runs"]
+    runs = [r for r in results["runs"] if "stopped" not in r]  # NaN stops are counted in the report, not averaged
     out = {}
     for name in results["methods"]:
         mine = {(r["subject"], r["seed"]): r for r in runs if r["method"] == name}
@@ -740,6 +758,9 @@ def main(argv=None):
     parser.add_argument("--subjects", type=int, default=DEFAULT_SIZE["subjects"],
                         help=f"test subjects (the first N of {len(TEST_SUBJECTS)})")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SIZE["seeds"])
+    parser.add_argument("--split", choices=["test", "validation"], default="test",
+                        help="the subjects every method trains on: the test ones, or (to choose a rule or a grid) "
+                             f"the validation ones {VALIDATION_SUBJECTS}")
     parser.add_argument("--steps", type=int, default=100, help="training steps per run")
     parser.add_argument("--val-subjects", type=int, default=DEFAULT_SIZE["val_subjects"], choices=range(0, len(VALIDATION_SUBJECTS) + 1),
                         help="validation subjects for the lr choice (0: use the middle of each grid)")

@@ -3,14 +3,23 @@
 
 A learning rate moves a method along a curve: more subject likeness, more forgetting. Comparing
 methods each at one chosen lr compares two points of different curves, so this script runs every
-method at every lr of a grid on the test subjects (each lr is one `dreambooth.py` invocation with
-`--lr-grid LR --val-subjects 0`), then reads each method's subject similarity at the same prior
-similarity, interpolated linearly between its neighbouring lrs:
+method at every lr of its grid (each lr is one `dreambooth.py` invocation with `--lr-grid LR
+--val-subjects 0`), then reads each method's metrics at the same prior similarity, linear between
+its neighbouring lrs:
 
-    python benchmarks/dreambooth_tradeoff.py --lrs 1e-3 3e-3 1e-2 3e-2 --methods lie-default lie-attn-lie lora-conv-attn
+    python benchmarks/dreambooth_tradeoff.py --split validation --subjects 2 --workdir W-val   # choose
+    python benchmarks/dreambooth_tradeoff.py --subjects 6 --seeds 3 --workdir W-test            # report
 
-Each method runs at the lrs of its own grid in `dreambooth.LR_GRIDS` that are among `--lrs`.
-Results: results/dreambooth_tradeoff.{json,md} and the README section.
+- curves: per method and lr, the mean over subjects × seeds (subject similarity / prior similarity);
+- subject similarity at each prior level, on the mean curves;
+- paired win rates at a matched prior level: per (subject, seed), each method's own curve is read at
+  that level, and the reference method wins a pair when its subject similarity there is higher;
+- the other judge metrics at that level (subject named, colour prompt, held-out loss), same reading;
+- NaN stops: runs the training script stopped on a non-finite loss, per method and lr.
+
+Each method runs at the lrs of its own grid (`--grid METHOD=LR,LR,...`, default `dreambooth.LR_GRIDS`).
+Finished runs in `--workdir` are reused (split a long run over several invocations, add seeds later).
+Results: results/dreambooth_tradeoff[-validation].{json,md} and, for the test split, the README section.
 """
 
 from __future__ import annotations
@@ -29,77 +38,151 @@ if str(ROOT) not in sys.path:
 from benchmarks import benchlib as B  # noqa: E402
 from benchmarks import dreambooth as D  # noqa: E402
 
-
-def curves(runs: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
-    """method -> [(lr, mean prior similarity, mean subject similarity)], by lr."""
-    groups: dict[str, dict[float, list[dict]]] = {}
-    for r in runs:
-        groups.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r)
-    return {method: [(lr, statistics.mean(r["prior_similarity"] for r in mine),
-                      statistics.mean(r["subject_similarity"] for r in mine)) for lr, mine in sorted(by_lr.items())]
-            for method, by_lr in sorted(groups.items())}
+READ_METRICS = ("subject_similarity", "subject_top1", "colour_accuracy", "heldout_loss")
 
 
-def subject_at(points: list[tuple[float, float, float]], prior: float) -> float | None:
-    """Subject similarity at this prior similarity, linear between the two lrs around it; None outside."""
-    priors = [p for _, p, _ in points]
-    if not min(priors) <= prior <= max(priors):
+def finished(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if "stopped" not in r]
+
+
+def curve(runs: list[dict], metric: str) -> list[tuple[float, float, float]]:
+    """[(lr, mean prior similarity, mean metric)] by lr, over the given runs (NaN stops left out)."""
+    by_lr: dict[float, list[dict]] = {}
+    for r in finished(runs):
+        by_lr.setdefault(r["lr"], []).append(r)
+    return [(lr, statistics.mean(r["prior_similarity"] for r in mine), statistics.mean(r[metric] for r in mine))
+            for lr, mine in sorted(by_lr.items())]
+
+
+def read_at(points: list[tuple[float, float, float]], prior: float) -> float | None:
+    """The metric at this prior similarity, linear between the two lrs around it; None outside the curve."""
+    if not points:
+        return None
+    priors = np.array([p for _, p, _ in points])
+    if not priors.min() <= prior <= priors.max():
         return None
     order = np.argsort(priors)
-    return float(np.interp(prior, np.array(priors)[order], np.array([s for _, _, s in points])[order]))
+    return float(np.interp(prior, priors[order], np.array([m for _, _, m in points])[order]))
+
+
+def by_method(runs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in runs:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def paired(runs: list[dict], reference: str, level: float) -> dict[str, dict]:
+    """Per peer: over (subject, seed) pairs where both curves reach `level`, the reference's win rate and mean
+    difference in subject similarity there."""
+    cases = {(r["subject"], r["seed"]) for r in runs}
+    read = {method: {case: read_at(curve([r for r in mine if (r["subject"], r["seed"]) == case],
+                                         "subject_similarity"), level) for case in cases}
+            for method, mine in by_method(runs).items()}
+    out = {}
+    for method in read:
+        if method == reference or reference not in read:
+            continue
+        diffs = [read[reference][c] - read[method][c] for c in sorted(cases)
+                 if read[reference][c] is not None and read[method][c] is not None]
+        out[method] = {"pairs": len(diffs), "of": len(cases),
+                       "win_rate": (sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / len(diffs)
+                                    if diffs else None),
+                       "mean_diff": statistics.mean(diffs) if diffs else None}
+    return out
 
 
 def markdown(results: dict) -> str:
-    levels, table = results["prior_levels"], results["curves"]
-    lines = ["### DreamBooth: subject fidelity at equal prior preservation",
-             f"`{results['command']}`: {results['runs']} runs, {results['subjects']} subjects × seed 0, "
-             f"{results['steps']} steps, the settings of the table above; about {results['minutes']:.0f} min of runs "
-             f"with {results['jobs']} job(s) (finished runs in `--workdir` are reused). Each "
-             "method at every lr of its grid; cells: mean over the subjects (subject similarity / prior similarity).",
-             "", "| method | " + " | ".join(f"lr {lr:g}" for lr in results["lrs"]) + " |",
-             "|---|" + "---|" * len(results["lrs"])]
-    for method, points in table.items():
-        by_lr = {lr: f"{s:.3f} / {p:.3f}" for lr, p, s in points}
-        lines.append(f"| {method} | " + " | ".join(by_lr.get(lr, "—") for lr in results["lrs"]) + " |")
-    lines += ["", "Subject similarity read at equal prior similarity (linear between neighbouring lrs; "
-              "— where a method's lrs do not reach that level):", "",
-              "| prior similarity | " + " | ".join(table) + " |", "|---|" + "---|" * len(table)]
-    for level in levels:
-        cells = [subject_at(points, level) for points in table.values()]
-        lines.append(f"| {level:.2f} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    methods, levels, level = results["methods"], results["prior_levels"], results["win_level"]
+    runs = results["records"]
+    grouped = by_method(runs)
+    lrs = sorted({r["lr"] for r in runs})
+    lines = [f"### DreamBooth: subject fidelity at equal prior preservation ({results['split']} subjects)",
+             f"`{results['command']}`: {len(runs)} runs, {len(results['subjects'])} {results['split']} subjects "
+             f"({', '.join(results['subjects'])}) × {results['seeds']} seed(s), {results['steps']} steps, "
+             f"rank {results['rank']}; about {results['minutes']:.0f} min of runs with {results['jobs']} job(s). "
+             "Cells: mean over subjects × seeds (subject similarity / prior similarity); ✗n: n runs stopped on a "
+             "NaN loss.", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for method in methods:
+        mine = grouped.get(method, [])
+        cells = {lr: f"{s:.3f} / {p:.3f}" for lr, p, s in curve(mine, "subject_similarity")}
+        for lr in lrs:
+            stops = sum(1 for r in mine if r["lr"] == lr and "stopped" in r)
+            if stops:
+                cells[lr] = f"{cells.get(lr, '—')} ✗{stops}"
+        lines.append(f"| {method} | " + " | ".join(cells.get(lr, "—") for lr in lrs) + " |")
+    lines += ["", "Subject similarity at equal prior similarity (on the mean curves; — where a method's lrs do not "
+              "reach that level):", "", "| prior similarity | " + " | ".join(methods) + " |",
+              "|---|" + "---|" * len(methods)]
+    for prior in levels:
+        cells = [read_at(curve(grouped.get(m, []), "subject_similarity"), prior) for m in methods]
+        lines.append(f"| {prior:.2f} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    titles = {k: D.METRIC_TITLES[k] for k in READ_METRICS}
+    lines += ["", f"All judge metrics at prior similarity {level:.2f} (mean curves):", "",
+              "| method | " + " | ".join(titles.values()) + " |", "|---|" + "---|" * len(titles)]
+    for method in methods:
+        cells = [read_at(curve(grouped.get(method, []), k), level) for k in READ_METRICS]
+        lines.append(f"| {method} | " + " | ".join("—" if c is None else f"{c:.3f}" for c in cells) + " |")
+    reference = results["reference"]
+    lines += ["", f"Paired at prior similarity {level:.2f}: per (subject, seed), each method's own curve read at "
+              f"that level; {reference} wins a pair when its subject similarity there is higher:", "",
+              f"| {reference} vs | pairs reaching {level:.2f} | {reference} win rate | mean difference |",
+              "|---|---|---|---|"]
+    for method, v in results["paired"].items():
+        rate = "—" if v["win_rate"] is None else f"{v['win_rate']:.0%}"
+        diff = "—" if v["mean_diff"] is None else f"{v['mean_diff']:+.3f}"
+        lines.append(f"| {method} | {v['pairs']} of {v['of']} | {rate} | {diff} |")
     return "\n".join(lines) + "\n"
+
+
+def parse_grids(specs: list[str] | None) -> dict[str, tuple[float, ...]]:
+    grids = dict(D.LR_GRIDS)
+    for spec in specs or []:
+        name, sep, values = spec.partition("=")
+        if not sep or name not in D.BY_NAME:
+            raise ValueError(f"--grid {spec!r}: write METHOD=LR,LR,... with a method of {sorted(grids)}")
+        grids[name] = tuple(float(v) for v in values.split(","))
+    return grids
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
-    parser.add_argument("--methods", nargs="+", default=["lie-default", "lie-attn-lie", "lora-conv-attn"],
-                        choices=[m.name for m in D.METHODS])
+    parser.add_argument("--methods", nargs="+", choices=[m.name for m in D.METHODS],
+                        default=["lie-default", "lie-unbalanced", "lora-conv-attn", "lycoris-locon"])
+    parser.add_argument("--grid", action="append", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
+    parser.add_argument("--split", choices=["test", "validation"], default="test")
     parser.add_argument("--subjects", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--prior-levels", type=float, nargs="+", default=[0.60, 0.65, 0.70, 0.75])
+    parser.add_argument("--prior-levels", type=float, nargs="+", default=[0.60, 0.65, 0.70, 0.75, 0.80])
+    parser.add_argument("--win-level", type=float, default=0.70, help="prior similarity of the paired comparison")
     parser.add_argument("--workdir", required=True, help="one subfolder per lr; finished runs are reused")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README))
+    parser.add_argument("--readme", default=str(B.README), help="README to update (test split only; 'none': not)")
     args = parser.parse_args(argv)
+    grids = parse_grids(args.grid)
     runs = []
-    for lr in args.lrs:
-        methods = [m for m in args.methods if lr in D.LR_GRIDS[m]]
-        if not methods:
-            continue
-        folder = Path(args.workdir)
-        results = D.main(["--subjects", str(args.subjects), "--seeds", "1", "--val-subjects", "0", "--steps",
-                          str(args.steps), "--jobs", str(args.jobs), "--lr-grid", str(lr), "--methods", *methods,
-                          "--workdir", str(folder / f"lr{lr:g}"), "--out", str(folder / f"out-lr{lr:g}"),
-                          "--readme", "none"])
+    for lr in sorted({lr for m in args.methods for lr in grids[m]}):
+        methods = [m for m in args.methods if lr in grids[m]]
+        results = D.main(["--split", args.split, "--subjects", str(args.subjects), "--seeds", str(args.seeds),
+                          "--val-subjects", "0", "--steps", str(args.steps), "--rank", str(args.rank),
+                          "--jobs", str(args.jobs), "--lr-grid", str(lr), "--methods", *methods,
+                          "--workdir", str(Path(args.workdir) / f"lr{lr:g}"),
+                          "--out", str(Path(args.workdir) / f"out-lr{lr:g}"), "--readme", "none"])
         runs += results["runs"]
     command = "python benchmarks/dreambooth_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    data = {"command": command, "lrs": args.lrs, "subjects": args.subjects, "steps": args.steps,
-            "runs": len(runs), "jobs": args.jobs,
+    data = {"command": command, "split": args.split, "subjects": sorted({r["subject"] for r in runs}),
+            "seeds": args.seeds, "steps": args.steps, "rank": args.rank, "jobs": args.jobs,
+            "methods": args.methods, "grids": {m: grids[m] for m in args.methods}, "reference": D.REFERENCE,
             "minutes": sum(r["train_s"] + r["eval_s"] for r in runs) / 60 / args.jobs,
-            "prior_levels": args.prior_levels, "curves": curves(runs), "records": runs, "env": B.environment()}
-    B.publish("dreambooth_tradeoff", data, markdown(data), Path(args.out), args.readme)
+            "prior_levels": args.prior_levels, "win_level": args.win_level,
+            "paired": paired(runs, D.REFERENCE, args.win_level),
+            "stopped": [r for r in runs if "stopped" in r], "records": runs, "env": B.environment()}
+    name = "dreambooth_tradeoff" + ("" if args.split == "test" else "-validation")
+    B.publish(name, data, markdown(data), Path(args.out), args.readme if args.split == "test" else "none")
     return data
 
 

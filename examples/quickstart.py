@@ -2,13 +2,17 @@
 """Quickstart: teach the pretrained tiny emoji model a new subject with a Lie adapter (DreamBooth), offline.
 
 1. loads the tiny Stable Diffusion pipeline shipped with lie-diffusion (pretrained on 32 px emoji);
-2. makes 4 pictures of an emoji it never saw (a held-out subject) as the instance images;
-3. runs the real training script through `accelerate launch`, with prior preservation on class
-   images that the base model generates;
+2. makes 4 pictures of an emoji it never saw (a held-out subject) as the instance images, each
+   twice: captioned with its background colour ("a sks emoji on a yellow background", kohya's .txt
+   files), and without a caption, so it also trains with the plain instance prompt "a sks emoji";
+3. has the base model draw the class images from class prompts with colours ("an emoji on a blue
+   background", .txt captions too), so prior preservation keeps the colour words anchored, then runs
+   the real training script through `accelerate launch` with `--caption_extension .txt`;
 4. generates "a sks emoji", "a sks emoji on a blue background" and the class prompt with the base,
-   the adapted and the merged model, and saves one labelled comparison grid;
-5. measures: the emoji classifier's embedding similarity to the subject, base vs adapted, and the
-   largest difference between merged and adapted images (round-off).
+   the adapted and the merged model (4 seeds each), and saves one labelled comparison grid;
+5. measures: the emoji classifier's embedding similarity to the subject and how often it names it,
+   how often the blue prompts come out blue, base vs adapted, and the largest difference between
+   merged and adapted images (round-off).
 
     python examples/quickstart.py [--subject rocket] [--max_train_steps 1000] [--output_dir quickstart-output]
 """
@@ -31,27 +35,51 @@ from PIL import Image  # noqa: E402
 
 from lie_diffusion import load_lie_weights, merge_lie_weights  # noqa: E402
 from lie_diffusion.emoji.classifier import load_classifier, reference_embedding, subject_similarity  # noqa: E402
-from lie_diffusion.emoji.data import IMAGE_SIZE, HELD_OUT, caption, load_renders, random_example  # noqa: E402
+from lie_diffusion.emoji.data import (IMAGE_SIZE, HELD_OUT, PALETTE, background_color, caption,  # noqa: E402
+                                      load_renders, random_example)
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
 from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, NUM_INFERENCE_STEPS, pretrained_emoji_path,  # noqa: E402
                                           pretrained_emoji_pipeline)
 
-INSTANCE_PROMPT = "a sks emoji"
+TOKEN = "sks"
+INSTANCE_PROMPT = caption(TOKEN)  # "a sks emoji": the fallback for an image without a caption
 CLASS_PROMPT = caption(None)  # "an emoji"
-PROMPTS = [INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on a blue background", caption(None, "blue")]
+PROMPTS = [INSTANCE_PROMPT, caption(TOKEN, "blue"), caption(None, "blue")]
 INSTANCE_COLORS = ("white", "yellow", "green", "purple")  # blue stays unseen: the prompt must compose it
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2, 3)
+
+
+def save_captioned(directory: Path, name: str, image: np.ndarray, text: str) -> None:
+    """image + its caption beside it (name.png, name.txt): kohya's convention, read with --caption_extension."""
+    Image.fromarray(image).save(directory / f"{name}.png")
+    (directory / f"{name}.txt").write_text(text + "\n")
 
 
 def make_instance_images(subject: str, directory: Path) -> list[np.ndarray]:
-    """4 pictures of the subject with different size, place and background, as a person's photos would vary."""
+    """4 pictures of the subject with different size, place and background, as a person's photos would vary.
+    Each is written twice: with its caption ("a sks emoji on a <colour> background"), which keeps the colour
+    words tied to colours, and without one, which trains the plain instance prompt (the caption fallback)."""
     renders = load_renders()
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
     images = [random_example(renders, renders.index(subject), rng, color)[0] for color in INSTANCE_COLORS]
-    for n, image in enumerate(images):
-        Image.fromarray(image).save(directory / f"{n}.png")
+    for n, (image, color) in enumerate(zip(images, INSTANCE_COLORS)):
+        save_captioned(directory, str(n), image, caption(TOKEN, color))
+        Image.fromarray(image).save(directory / f"{n}-plain.png")
     return images
+
+
+def make_class_images(pipeline, count: int, directory: Path, steps: int) -> None:
+    """Prior-preservation images from class prompts with every palette colour ("an emoji on a blue background"),
+    captioned: the prior loss then keeps each colour word meaning its colour while the subject is learned."""
+    directory.mkdir(parents=True, exist_ok=True)
+    colors = [list(PALETTE)[n % len(PALETTE)] for n in range(count)]
+    prompts = [caption(None, color) for color in colors]
+    generators = [torch.Generator().manual_seed(10_000 + n) for n in range(count)]
+    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, generator=generators,
+                      output_type="np").images
+    for n, (image, prompt) in enumerate(zip(images, prompts)):
+        save_captioned(directory, f"{n:03d}", (image * 255).round().astype(np.uint8), prompt)
 
 
 def train(base: Path, instances: Path, classes: Path, output: Path, args) -> None:
@@ -62,7 +90,7 @@ def train(base: Path, instances: Path, classes: Path, output: Path, args) -> Non
         str(REPO / "train_scripts" / "train_dreambooth_lie.py"),
         "--pretrained_model_name_or_path", str(base),
         "--instance_data_dir", str(instances),
-        "--instance_prompt", INSTANCE_PROMPT,
+        "--instance_prompt", INSTANCE_PROMPT, "--caption_extension", ".txt",
         "--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", CLASS_PROMPT,
         "--num_class_images", str(args.num_class_images), "--sample_batch_size", str(args.num_class_images),
         "--resolution", str(IMAGE_SIZE),
@@ -73,7 +101,7 @@ def train(base: Path, instances: Path, classes: Path, output: Path, args) -> Non
         "--max_train_steps", str(args.max_train_steps),
         "--checkpointing_steps", str(max(1, args.max_train_steps // 2)),
         "--validation_prompt", PROMPTS[1],
-        "--num_validation_images", "2",
+        "--num_validation_images", str(len(SEEDS)),
         "--validation_epochs", str(max(1, args.max_train_steps)),
         "--num_inference_steps", str(args.num_inference_steps),
         "--seed", "0",
@@ -115,7 +143,8 @@ def main() -> None:
     instance_images = make_instance_images(args.subject, root / "instance-images")
 
     print(f"[3/5] DreamBooth with a Lie adapter ({args.max_train_steps} steps, prior preservation on "
-          f"{args.num_class_images} base-model images of {CLASS_PROMPT!r})", flush=True)
+          f"{args.num_class_images} base-model images of {caption(None, 'COLOUR')!r})", flush=True)
+    make_class_images(pipeline, args.num_class_images, root / "class-images", args.num_inference_steps)
     output = root / "lie-dreambooth"
     train(base, root / "instance-images", root / "class-images", output, args)
 
@@ -130,13 +159,15 @@ def main() -> None:
     print("[5/5] Measuring with the emoji classifier", flush=True)
     classifier = load_classifier()
     reference = reference_embedding(classifier, load_renders(), args.subject)
-    sks = slice(0, 2 * len(SEEDS))  # the two "a sks emoji ..." prompts
-    similarity = {name: float(subject_similarity(classifier, np.stack(images[sks]), reference).mean())
-                  for name, images in (("base", base_images), ("adapted", adapted_images))}
-    named = {name: sum(p == args.subject for p in classifier.predict(np.stack(images[sks])))
-             for name, images in (("base", base_images), ("adapted", adapted_images))}
+    n = len(SEEDS)
+    sks, plain, blue = slice(0, 2 * n), slice(0, n), slice(n, 3 * n)  # images by prompt, in PROMPTS order
+    similarity, named, blues = {}, {}, {}
+    for name, images in (("base", base_images), ("adapted", adapted_images)):
+        similarity[name] = float(subject_similarity(classifier, np.stack(images[sks]), reference).mean())
+        named[name] = sum(p == args.subject for p in classifier.predict(np.stack(images[plain])))
+        blues[name] = [background_color(image) == "blue" for image in images[blue]]
     columns = len(PROMPTS) * len(SEEDS)
-    labels = [f"instance image {n + 1}" for n in range(len(instance_images))] + [""] * (columns - len(instance_images))
+    labels = [f"instance: {caption(TOKEN, c)}" for c in INSTANCE_COLORS] + [""] * (columns - len(instance_images))
     blank = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
     cells = instance_images + [blank] * (columns - len(instance_images))  # grid takes uint8 or [0, 1] floats
     for images in (base_images, adapted_images, merged_images):
@@ -147,8 +178,11 @@ def main() -> None:
 
     print(f"      subject similarity (classifier embedding cosine, 'sks' prompts): "
           f"base {similarity['base']:.3f} -> adapted {similarity['adapted']:.3f}")
-    print(f"      classifier names the subject: base {named['base']}/{2 * len(SEEDS)}, "
-          f"adapted {named['adapted']}/{2 * len(SEEDS)}")
+    print(f"      classifier names the subject in {INSTANCE_PROMPT!r}: base {named['base']}/{n}, "
+          f"adapted {named['adapted']}/{n}")
+    for k, prompt in enumerate(PROMPTS[1:]):
+        print(f"      {prompt!r} comes out blue: base {sum(blues['base'][k * n:(k + 1) * n])}/{n}, "
+              f"adapted {sum(blues['adapted'][k * n:(k + 1) * n])}/{n}")
     print(f"      max |merged - adapted| = {difference:.2e}  (pixels in [0, 1]; merging is exact up to round-off)")
     print("\nOutputs:")
     print(f"  comparison grid   {grid}")

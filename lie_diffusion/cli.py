@@ -149,6 +149,9 @@ def describe(adapter) -> str:
             f"Defaults: mode {info.get('mode') or '-'}, rank {info.get('rank')}, alpha {info.get('alpha')}; "
             f"{len(info.get('overrides') or {})} module(s) override them"
         )
+        if info.get("balance", "none") != "none":
+            lines.append(f"Balance: {info['balance']} (each Lie module's alpha was set by this rule when it was "
+                         "trained; the stored alphas are what applies)")
         fingerprint = (info.get("fingerprint") or {}).get("unet")
         if fingerprint:
             family = "SDXL" if fingerprint.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"

@@ -71,6 +71,7 @@ def test_inspect_lie_only_file_says_stock_diffusers_sees_nothing(tmp_path, capsy
     _, path = make_adapter(tmp_path, unet_config=LieConfig(attn_adapter="none"))
     assert main(["inspect", str(tmp_path)]) == 0
     report = capsys.readouterr().out
+    assert "Balance: rms" in report  # the default rule, named; the fixture above (balance="none") has no line
     assert "LoRA  absent" in report and "Stock diffusers: sees no LoRA part" in report
 
 

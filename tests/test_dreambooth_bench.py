@@ -131,18 +131,32 @@ def test_a_retrained_model_or_judge_is_another_setup(tmp_path):
     assert D.setup_key(args, D.BY_NAME, tmp_path / "model", judge) != key
 
 
-def test_tradeoff_reads_subject_similarity_at_equal_prior():
+def test_tradeoff_reads_metrics_at_equal_prior_and_pairs_each_subject_and_seed():
     from benchmarks import dreambooth_tradeoff as T
 
-    def run(method, lr, prior, subject):
-        return {"method": method, "lr": lr, "prior_similarity": prior, "subject_similarity": subject}
+    def run(method, lr, prior, subject, case, **extra):
+        return {"method": method, "lr": lr, "prior_similarity": prior, "subject_similarity": subject,
+                "subject": case[0], "seed": case[1], "subject_top1": subject / 2, "colour_accuracy": 1.0,
+                "heldout_loss": 0.3, "train_s": 1.0, "eval_s": 1.0, **extra}
 
-    runs = [run("a", 1e-3, 0.80, 0.40), run("a", 1e-3, 0.80, 0.50), run("a", 1e-2, 0.60, 0.70),
-            run("b", 1e-3, 0.70, 0.60)]
-    table = T.curves(runs)
-    assert table["a"] == [(1e-3, 0.80, 0.45), (1e-2, 0.60, 0.70)]
-    assert T.subject_at(table["a"], 0.70) == pytest.approx(0.575)  # half way between the two lrs
-    assert T.subject_at(table["a"], 0.85) is None and T.subject_at(table["b"], 0.70) == pytest.approx(0.60)
-    text = T.markdown({"command": "x", "runs": 4, "subjects": 1, "steps": 1, "minutes": 1, "jobs": 1,
-                       "lrs": [1e-3, 1e-2], "prior_levels": [0.7, 0.9], "curves": table})
-    assert "| 0.70 | 0.575 | 0.600 |" in text and "| 0.90 | — | — |" in text
+    one, two, three = ("dog", 0), ("dog", 1), ("cat", 0)
+    runs = [  # reference "a" wins on `one` (0.55 vs 0.50 at prior 0.70), loses on `two` (0.30 vs 0.60)
+        run("a", 1e-3, 0.80, 0.40, one), run("a", 1e-2, 0.60, 0.70, one),
+        run("b", 1e-3, 0.80, 0.50, one), run("b", 1e-2, 0.60, 0.50, one),
+        run("a", 1e-3, 0.75, 0.30, two), run("a", 1e-2, 0.65, 0.30, two),
+        run("b", 1e-3, 0.72, 0.60, two), run("b", 1e-2, 0.68, 0.60, two),
+        # `three`: b's curve never reaches 0.70, so the pair does not count; a NaN stop is left out of curves
+        run("a", 1e-3, 0.75, 0.50, three), run("a", 1e-2, 0.65, 0.50, three),
+        run("b", 1e-3, 0.90, 0.20, three), run("b", 3e-2, 0.0, 0.0, three, stopped="loss is nan at step 9"),
+    ]
+    assert T.curve([r for r in runs if r["method"] == "a" and r["subject"] == "dog" and r["seed"] == 0],
+                   "subject_similarity") == [(1e-3, 0.80, 0.40), (1e-2, 0.60, 0.70)]
+    assert T.read_at([(1e-3, 0.80, 0.40), (1e-2, 0.60, 0.70)], 0.70) == pytest.approx(0.55)
+    assert T.read_at([(1e-3, 0.80, 0.40)], 0.70) is None
+    paired = T.paired(runs, "a", 0.70)
+    assert paired == {"b": {"pairs": 2, "of": 3, "win_rate": 0.5, "mean_diff": pytest.approx((0.05 - 0.30) / 2)}}
+    text = T.markdown({"command": "x", "split": "test", "subjects": ["cat", "dog"], "seeds": 2, "steps": 1,
+                       "rank": 4, "minutes": 1, "jobs": 1, "methods": ["a", "b"], "reference": "a",
+                       "prior_levels": [0.7, 0.95], "win_level": 0.7, "paired": paired, "records": runs})
+    assert "| b | 2 of 3 | 50% | -0.125 |" in text and "| 0.95 | — | — |" in text
+    assert "✗1" in text  # the NaN stop is shown where it happened
