@@ -1,7 +1,8 @@
 """`lie-diffusion merge | inspect | export | extract`: bake an adapter into a pipeline, describe one, convert
 one to the kohya format other tools read, or extract one from a fully fine-tuned model.
 
-Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts.
+Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts; a closed
+output pipe ends a command quietly with status 141, as it does other Unix tools.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (`lie-diffusion inspect FILE | head`): stop quietly like any Unix filter. Point
+        # stdout at devnull so Python's own flush at exit does not report the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it for other tools
     except KeyboardInterrupt:
         print(f"lie-diffusion {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -189,13 +189,13 @@ def check_base(adapter: LieFile, models: dict[str, nn.Module]) -> dict[str, dict
 
 def lie_update(weight: torch.Tensor, entry: ModuleEntry) -> torch.Tensor:
     """ΔW of a Lie adapter at strength 1, in float64: W ⊙ expm1(sΔ) (exp) or W ⊙ sΔ (taylor)."""
-    delta = lie_delta(entry.A.double(), entry.B.double(), entry.alpha / entry.rank, weight.shape)
+    delta = lie_delta(entry.A.double(), entry.B.double(), entry.scaling, weight.shape)
     return weight.double() * (torch.expm1(delta) if entry.mode == "exp" else delta)
 
 
 def lora_update(entry: ModuleEntry, shape) -> torch.Tensor:
     """ΔW of an additive LoRA: (alpha/rank)·B@A, in float64."""
-    return lie_delta(entry.A.double(), entry.B.double(), entry.alpha / entry.rank, shape)
+    return lie_delta(entry.A.double(), entry.B.double(), entry.scaling, shape)
 
 
 def truncation_errors(singular_values: torch.Tensor) -> torch.Tensor:

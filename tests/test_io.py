@@ -436,6 +436,18 @@ def _bad_nan(src, d):
     return _rewrite(src, d / "nan.safetensors", poison)
 
 
+def _bad_alpha_overflow(src, d):
+    """exp(sΔ) overflows float32: every factor is finite, only the adapted weight is not."""
+    return _rewrite(src, d / "alpha.safetensors", edit_info=lambda info: info.update(alpha=1e30))
+
+
+def _bad_huge_factor(src, d):
+    def corrupt(tensors):
+        tensors[f"lie.unet.{CONV}.lora_A.weight"].view(-1)[5] = 3e38
+
+    return _rewrite(src, d / "huge.safetensors", corrupt)
+
+
 def _bad_partner(src, d):
     return _rewrite(src, d / "partner.safetensors", lambda t: t.pop(f"lie.unet.{CONV}.lora_B.weight"))
 
@@ -451,6 +463,8 @@ BAD_INPUTS = {
     "unknown format_version": (_bad_version, ValueError, "unknown lie_diffusion format_version 99"),
     "module the model lacks": (_bad_module, ValueError, r"unet has no module 'down_blocks\.7\.resnets\.0\.conv1'"),
     "NaN/inf": (_bad_nan, ValueError, rf"lie\.unet\.{CONV}\.lora_B\.weight holds 1 NaN/inf"),
+    "exp overflow (alpha 1e30)": (_bad_alpha_overflow, ValueError, r"lie\.unet\.[\w.]+: the adapted weight .* NaN/inf"),
+    "huge finite factor": (_bad_huge_factor, ValueError, rf"lie\.unet\.{CONV}: the adapted weight .* NaN/inf"),
     "partner factor missing": (_bad_partner, ValueError, rf"lie\.unet\.{CONV}\.lora_A\.weight has no partner"),
     "module's factors missing": (
         _bad_lost_module,
