@@ -1,0 +1,135 @@
+"""The host-free core of the ComfyUI, Forge and A1111 loaders: a lie-diffusion file → the patches a host applies.
+
+The hosts hold SD models in the LDM/SGM layout and find a LoRA's layers through kohya key names, so each
+module is named the way `export` names it (the UNet fingerprint in the file tells SD1/2 from SDXL). Lie
+modules become `LiePatch`es that compute W ⊙ exp(t·sΔ) (exp) or W + t·s·W ⊙ Δ (taylor) in float32 at the
+host's strength t: the exact Lie model at every strength, not export's W + t·ΔW. The LoRA section is handed
+to the host's own LoRA loader. Everything is checked before a host is touched: names, shapes, and that the
+adapted weights are finite at that strength.
+
+Nothing here imports a host (they are GPL/AGPL): the glue in `integrations/` does, when the host runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .export import is_sdxl, kohya_name
+from .functional import LieFactor, lie_update
+from .io import METADATA_KEY, LieFile, ModuleEntry, check_adapted_finite, read_lie_file, resolve_weight_file
+
+UNET = ("unet",)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+class LiePatch:
+    """One Lie module as a weight patch. `calculate_weight` has the call signature of ComfyUI's
+    `WeightAdapterBase.calculate_weight`; the ComfyUI glue makes a subclass that is also one."""
+
+    name = "lie"
+
+    def __init__(self, entry: ModuleEntry):
+        self.entry = entry
+        self.loaded_keys: set[str] = set()
+        self.weights = [entry.A, entry.B]
+
+    def update(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """ΔW at strength t, in float32 on W's device: W ⊙ expm1(t·sΔ) (exp) or t·s·W ⊙ Δ (taylor)."""
+        entry, device = self.entry, weight.device
+        factor = LieFactor(entry.A.to(device), entry.B.to(device), strength * entry.scaling, entry.mode)
+        return lie_update(weight.float(), factor)
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weights=None):
+        """W ← W + function(ΔW), summed in float32 and rounded once to W's dtype (fp16/bf16 in ComfyUI's
+        low-VRAM path). In place: ComfyUI keeps the tensor it passed when the patch targets a slice."""
+        return weight.copy_(weight.float() + function(self.update(weight, strength)))
+
+
+def as_lie_file(adapter) -> LieFile:
+    """A `LieFile` (read from a path if needed) that is a lie-diffusion file, not some other LoRA."""
+    if not isinstance(adapter, LieFile):
+        path = resolve_weight_file(adapter)
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                is_lie = METADATA_KEY in (file.metadata() or {})
+        except (SafetensorError, OSError):
+            is_lie = True  # let read_lie_file name the problem
+        adapter = read_lie_file(path) if is_lie else None
+    if adapter is None or adapter.info is None:
+        raise ValueError(f"{path if adapter is None else adapter.path}: not a lie-diffusion file (no '{METADATA_KEY}' "
+                         "metadata); load other LoRA files with the host's own LoRA loader.")
+    return adapter
+
+
+def kohya_names(adapter: LieFile, components: Iterable[str]) -> tuple[dict[str, ModuleEntry], list[str]]:
+    """kohya key stem → module, for the file's modules of `components`; and the modules kohya cannot name."""
+    config = base_config(adapter)
+    names, problems = {}, []
+    for entry in adapter.modules:
+        if entry.component in components:
+            try:
+                names[kohya_name(entry.component, entry.module, config)] = entry
+            except ValueError as error:
+                problems.append(str(error))
+    return names, problems
+
+
+def base_config(adapter: LieFile) -> dict:
+    """The UNet config entries the file was saved for (its fingerprint; empty for files saved without a UNet)."""
+    return ((adapter.info or {}).get("fingerprint") or {}).get("unet") or {}
+
+
+def refuse(adapter: LieFile, problems: list[str]) -> None:
+    """One error for every module that does not fit, with the base model the file was saved for."""
+    if not problems:
+        return
+    config = base_config(adapter)
+    hint = ""
+    if config:
+        family = "SDXL" if is_sdxl(config) else "SD 1.x/2.x"
+        hint = f" (the file was saved for an {family} UNet, block_out_channels {config.get('block_out_channels')})"
+    shown = "; ".join(problems[:5]) + (f"; ... (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+    raise ValueError(f"{adapter.path}: does not fit this model{hint}: {shown}.")
+
+
+def comfyui_patches(
+    adapter,
+    key_map: Mapping[str, str],
+    weights: Mapping[str, torch.Tensor],
+    strength: float,
+    components: Iterable[str],
+    load_lora: Callable[[dict, dict], dict],
+    patch_type: type[LiePatch] = LiePatch,
+) -> dict:
+    """The dict `ModelPatcher.add_patches` takes for the file's modules of `components`; raises before any patch.
+
+    `key_map`: kohya name → model key (comfy.lora.model_lora_keys_unet / _clip); `weights`: the model's state
+    dict (shapes, and finiteness at `strength`); `load_lora`: comfy.lora.load_lora, which makes the LoRA section
+    ComfyUI's own LoRA patches; `patch_type`: the Lie patch class.
+    """
+    adapter = as_lie_file(adapter)
+    names, problems = kohya_names(adapter, components)
+    lora, to_load, lie = {}, {}, {}
+    for name, entry in names.items():
+        key = key_map.get(name)
+        if key is None or key not in weights:
+            problems.append(f"{entry.key_prefix}: the model has no layer {name}")
+            continue
+        weight, shape = weights[key], (entry.B.shape[0], *entry.A.shape[1:])
+        if tuple(weight.shape) != shape:
+            problems.append(f"{entry.key_prefix}: lora_A {tuple(entry.A.shape)}, lora_B {tuple(entry.B.shape)} do not "
+                            f"fit {key} {tuple(weight.shape)}")
+            continue
+        check_adapted_finite(adapter.path, entry, weight, strength)
+        if entry.section == "lie":
+            lie[key] = patch_type(entry)
+        else:
+            lora.update({f"{name}.lora_down.weight": entry.A, f"{name}.lora_up.weight": entry.B,
+                         f"{name}.alpha": torch.tensor(entry.alpha)})
+            to_load[name] = key
+    refuse(adapter, problems)
+    return {**(load_lora(lora, to_load) if lora else {}), **lie}
