@@ -1,5 +1,6 @@
-"""`lie-diffusion merge | inspect | export | extract`: bake an adapter into a pipeline, describe one, convert
-one to the kohya format other tools read, or extract one from a fully fine-tuned model.
+"""`lie-diffusion merge | inspect | export | extract | install`: bake an adapter into a pipeline, describe one,
+convert one to the kohya format other tools read, extract one from a fully fine-tuned model, or install the
+loader that applies the files exactly inside an SD host (ComfyUI).
 
 Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts; a closed
 output pipe ends a command quietly with status 141, as it does other Unix tools.
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=inspect_command)
     _add_export_parser(commands)
     _add_extract_parser(commands)
+    _add_install_parser(commands)
     return parser
 
 
@@ -287,3 +289,33 @@ def extract_command(args: argparse.Namespace) -> None:
     )
     print(format_report(fits, total, other))
     print(f"Wrote {path}.")
+
+
+# ---------------------------------------------------------------------------------------------- install
+
+
+def _add_install_parser(commands) -> None:
+    from .integrations import HOSTS
+
+    install = commands.add_parser(
+        "install",
+        help="install the native lie-diffusion loader into an SD host (" + ", ".join(HOSTS) + ")",
+        description="Link the lie-diffusion loader into a host's plugin folder (ComfyUI: custom_nodes/), so the "
+        "host applies lie-diffusion files exactly at every strength. Safe to run again. The host's Python needs "
+        "lie-diffusion installed (pip install lie-diffusion).",
+    )
+    install.add_argument("host", choices=sorted(HOSTS), help="the host to install into")
+    install.add_argument("path", help="the host's folder (e.g. the ComfyUI checkout)")
+    install.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
+    install.set_defaults(func=install_command)
+
+
+def install_command(args: argparse.Namespace) -> None:
+    from .integrations import HOSTS, install
+
+    target, changed = install(args.host, args.path, copy=args.copy)
+    title = HOSTS[args.host].title
+    if changed:
+        print(f"Installed the lie-diffusion loader for {title}: {target}. Restart {title} to load it.")
+    else:
+        print(f"Already installed: {target}.")
