@@ -95,8 +95,9 @@ def test_patch_math_against_the_formula(mode, strength, dtype):
     given = weight.to(dtype)
     got = LiePatch(entry).calculate_weight(given, "k", strength, 1.0, None, lambda d: d, dtype, None)
     assert got is given and got.dtype == dtype  # in place, in the weight's own dtype
-    ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
-    assert ((got.double() - expected).abs() <= expected.abs() * ulp + 1e-12).all()  # one rounding at the end
+    half_ulp = {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+    error = (got.double() - expected).abs()
+    assert (error <= expected.abs() * (half_ulp + 2**-22) + 1e-12).all()  # float32 work, one rounding to dtype
 
 
 def test_patch_applies_the_hosts_function_to_the_update_and_writes_slices_in_place():

@@ -234,13 +234,13 @@ def test_composes_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):
     assert_same(patched_weights(setup, model, clip), expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_vram_path_on_half_weights(comfy, setup, dtype):
     """LowVramPatch is what ComfyUI's low-VRAM path runs on each weight, in the weight's own dtype."""
     model, clip = node(comfy, "LieAdapterLoader").load(setup.model, setup.clip, setup.file, 1.0, 1.0)
     expected = diffusers_weights(setup.adapted, 1.0, before={
         k: v.to(dtype).float() - v for k, v in setup.base.items() if v.is_floating_point()})  # merge on rounded W
-    ulp = 2**-10 if dtype == torch.float16 else 2**-7
+    half_ulp = 2**-11 if dtype == torch.float16 else 2**-8  # relative: W' computed in fp32, rounded once to dtype
     checked = 0
     for patcher in (model, clip.patcher):
         weights = patcher.model.state_dict()
@@ -250,7 +250,7 @@ def test_low_vram_path_on_half_weights(comfy, setup, dtype):
             got = comfy.model_patcher.LowVramPatch(key, patcher.patches)(weights[key].to(dtype))
             want = expected[setup.names[key]]
             assert got.dtype == dtype
-            assert ((got.float() - want).abs() <= want.abs() * ulp + 2**-24).all(), key  # one rounding to dtype
+            assert ((got.float() - want).abs() <= want.abs() * half_ulp + 2**-25).all(), key
             checked += 1
     assert checked == len(read_lie_file(setup.adapted.path).section("lie"))
 
