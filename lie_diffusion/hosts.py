@@ -96,20 +96,21 @@ def refuse(adapter: LieFile, problems: list[str]) -> None:
     raise ValueError(f"{adapter.path}: does not fit this model{hint}: {shown}.")
 
 
-def comfyui_patches(
+def host_patches(
     adapter,
     key_map: Mapping[str, str],
     weights: Mapping[str, torch.Tensor],
     strength: float,
     components: Iterable[str],
     load_lora: Callable[[dict, dict], dict],
-    patch_type: type[LiePatch] = LiePatch,
+    lie_patch: Callable[[ModuleEntry], object] = LiePatch,
 ) -> dict:
-    """The dict `ModelPatcher.add_patches` takes for the file's modules of `components`; raises before any patch.
+    """The dict a ComfyUI-style `ModelPatcher.add_patches` takes (ComfyUI, Forge) for the file's modules of
+    `components`; raises before anything is patched.
 
-    `key_map`: kohya name → model key (comfy.lora.model_lora_keys_unet / _clip); `weights`: the model's state
-    dict (shapes, and finiteness at `strength`); `load_lora`: comfy.lora.load_lora, which makes the LoRA section
-    ComfyUI's own LoRA patches; `patch_type`: the Lie patch class.
+    `key_map`: kohya name → model key (the host's model_lora_keys_unet / _clip); `weights`: the model's state
+    dict (shapes, and finiteness at `strength`); `load_lora`: the host's loader for kohya LoRA tensors, which
+    makes the LoRA section the host's own LoRA patches; `lie_patch`: a module → the host's Lie patch value.
     """
     adapter = as_lie_file(adapter)
     names, problems = kohya_names(adapter, components)
@@ -126,10 +127,24 @@ def comfyui_patches(
             continue
         check_adapted_finite(adapter.path, entry, weight, strength)
         if entry.section == "lie":
-            lie[key] = patch_type(entry)
+            lie[key] = lie_patch(entry)
         else:
             lora.update({f"{name}.lora_down.weight": entry.A, f"{name}.lora_up.weight": entry.B,
                          f"{name}.alpha": torch.tensor(entry.alpha)})
             to_load[name] = key
     refuse(adapter, problems)
     return {**(load_lora(lora, to_load) if lora else {}), **lie}
+
+
+def patch_targets(adapter, targets, load_lora, lie_patch, add) -> dict:
+    """Patch several targets of one host (its UNet and its text encoders) all or nothing.
+
+    `targets`: (model, components, key_map, weights, strength) each; every target's patches are built and
+    checked first, then `add(model, patches, strength)` returns the patched clone. Returns {id(model): clone}.
+    """
+    adapter = as_lie_file(adapter)
+    patches = [host_patches(adapter, key_map, weights, strength, components, load_lora, lie_patch)
+               for _, components, key_map, weights, strength in targets]
+    if targets and not any(patches):
+        raise ValueError(f"{adapter.path}: holds adapters for {adapter.components}, none of which this loader patches.")
+    return {id(model): add(model, found, strength) for (model, *_, strength), found in zip(targets, patches)}

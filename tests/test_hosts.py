@@ -17,7 +17,7 @@ from test_io import _rewrite
 
 from lie_diffusion import read_lie_file
 from lie_diffusion.cli import main
-from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, comfyui_patches
+from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, host_patches
 from lie_diffusion.io import ModuleEntry
 
 
@@ -46,7 +46,7 @@ def stand_in_load_lora(lora, to_load):
 
 
 def patches(host, components, strength=1.0, file=None):
-    return comfyui_patches(file or host.file, host.key_map, host.weights, strength, components, stand_in_load_lora)
+    return host_patches(file or host.file, host.key_map, host.weights, strength, components, stand_in_load_lora)
 
 
 def model_key(entry: ModuleEntry) -> str:
@@ -125,13 +125,13 @@ def test_strength_zero_is_the_identity_and_minus_one_undoes_exp():
 def test_bad_files_name_the_file_and_the_module(host, tmp_path):
     unknown = {k: v for k, v in host.key_map.items() if "down_blocks_0_resnets_0_conv1" not in k}
     with pytest.raises(ValueError, match=r"lie\.unet\.down_blocks\.0\.resnets\.0\.conv1: the model has no layer") as e:
-        comfyui_patches(host.file, unknown, host.weights, 1.0, UNET, stand_in_load_lora)
+        host_patches(host.file, unknown, host.weights, 1.0, UNET, stand_in_load_lora)
     assert str(host.adapted.path) in str(e.value) and "SD 1.x/2.x UNet" in str(e.value)
 
     key = model_key(next(e for e in host.file.modules if e.module == "down_blocks.0.resnets.0.conv1"))
     narrow = {**host.weights, key: host.weights[key][:, :-1]}
     with pytest.raises(ValueError, match=r"conv1: lora_A \(4, 32, 3, 3\), lora_B \(32, 4, 1, 1\) do not fit"):
-        comfyui_patches(host.file, host.key_map, narrow, 1.0, UNET, stand_in_load_lora)
+        host_patches(host.file, host.key_map, narrow, 1.0, UNET, stand_in_load_lora)
 
     huge = _rewrite(host.adapted.path, tmp_path / "huge.safetensors", edit_info=lambda i: i.update(alpha=1e30))
     with pytest.raises(ValueError, match=r"huge.safetensors: lie\.unet\.[\w.]+: .* NaN/inf .*\(alpha 1e\+30"):
@@ -153,7 +153,7 @@ def test_a_file_for_another_base_model_is_refused(tmp_path_factory):
     key_map = {stem: f"{c}:{m}.weight" for stem, (c, m) in table.items() if c == "unet"}
     weights = {f"unet:{k}": v for k, v in pipe.unet.state_dict().items()}
     with pytest.raises(ValueError, match=r"does not fit this model \(the file was saved for an SD 1\.x/2\.x UNet"):
-        comfyui_patches(sd1.path, key_map, weights, 1.0, UNET, stand_in_load_lora)
+        host_patches(sd1.path, key_map, weights, 1.0, UNET, stand_in_load_lora)
 
 
 def test_comfyui_node_module_imports_without_comfyui():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
-from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, as_lie_file, comfyui_patches
+from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, as_lie_file, patch_targets
 
 
 @functools.cache
@@ -25,22 +25,21 @@ def load_lie_adapter(model, clip, adapter, strength_model: float, strength_clip:
     """(model, clip) with the adapter's patches added to clones; checks everything before patching either."""
     import comfy.lora
 
-    adapter = as_lie_file(adapter)
-    out, targets = {"model": model, "clip": clip}, []
+    targets = []
     if model is not None and strength_model != 0:
         keys, weights = comfy.lora.model_lora_keys_unet(model.model, {}), model.model.state_dict()
-        targets.append(("model", UNET, keys, weights, strength_model))
+        targets.append((model, UNET, keys, weights, strength_model))
     if clip is not None and strength_clip != 0:
         keys, weights = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), clip.cond_stage_model.state_dict()
-        targets.append(("clip", TEXT_ENCODERS, keys, weights, strength_clip))
-    patches = [comfyui_patches(adapter, keys, weights, strength, components, comfy.lora.load_lora,
-                               lie_weight_adapter()) for _, components, keys, weights, strength in targets]
-    if targets and not any(patches):
-        raise ValueError(f"{adapter.path}: holds adapters for {adapter.components}, none of which this node patches.")
-    for (name, _, _, _, strength), target_patches in zip(targets, patches):
-        out[name] = out[name].clone()
-        out[name].add_patches(target_patches, strength)
-    return out["model"], out["clip"]
+        targets.append((clip, TEXT_ENCODERS, keys, weights, strength_clip))
+    patched = patch_targets(adapter, targets, comfy.lora.load_lora, lie_weight_adapter(), _add_to_clone)
+    return patched.get(id(model), model), patched.get(id(clip), clip)
+
+
+def _add_to_clone(model, patches, strength):
+    clone = model.clone()
+    clone.add_patches(patches, strength)
+    return clone
 
 
 class LieAdapterLoader:
