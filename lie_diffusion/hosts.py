@@ -49,19 +49,24 @@ class LiePatch:
         return weight.copy_(weight.float() + function(self.update(weight, strength)))
 
 
+def is_lie_file(path) -> bool:
+    """Whether `path` is a safetensors file with lie-diffusion metadata (hosts read many other LoRA files)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return METADATA_KEY in (file.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
 def as_lie_file(adapter) -> LieFile:
     """A `LieFile` (read from a path if needed) that is a lie-diffusion file, not some other LoRA."""
     if not isinstance(adapter, LieFile):
         path = resolve_weight_file(adapter)
-        try:
-            with safe_open(str(path), framework="pt") as file:
-                is_lie = METADATA_KEY in (file.metadata() or {})
-        except (SafetensorError, OSError):
-            is_lie = True  # let read_lie_file name the problem
-        adapter = read_lie_file(path) if is_lie else None
+        adapter = read_lie_file(path) if is_lie_file(path) else None
     if adapter is None or adapter.info is None:
-        raise ValueError(f"{path if adapter is None else adapter.path}: not a lie-diffusion file (no '{METADATA_KEY}' "
-                         "metadata); load other LoRA files with the host's own LoRA loader.")
+        raise ValueError(f"{path if adapter is None else adapter.path}: not a lie-diffusion file (not a readable "
+                         f"safetensors file with '{METADATA_KEY}' metadata); load other LoRA files with the host's own "
+                         "LoRA loader.")
     return adapter
 
 

@@ -6,8 +6,9 @@ is checked against the formula written out below. tests/test_hosts_comfyui.py ru
 
 import importlib
 import math
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from test_io import _rewrite
 
 from lie_diffusion import read_lie_file
 from lie_diffusion.cli import main
+from lie_diffusion.integrations import HOSTS
 from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, host_patches
 from lie_diffusion.io import ModuleEntry
 
@@ -163,31 +165,62 @@ def test_comfyui_node_module_imports_without_comfyui():
     assert nodes.NODE_CLASS_MAPPINGS["LieAdapterLoaderModelOnly"].RETURN_TYPES == ("MODEL",)
 
 
-def test_install_links_once_and_refuses_other_folders(tmp_path, capsys):
-    root = tmp_path / "ComfyUI"
-    (root / "comfy").mkdir(parents=True)
-    (root / "comfy" / "lora.py").write_text("")
-    (root / "nodes.py").write_text("")
-    assert main(["install", "comfyui", str(root)]) == 0
-    target = root / "custom_nodes" / "lie-diffusion"
-    assert target.resolve() == Path(importlib.import_module("lie_diffusion.integrations.comfyui").__file__).parent
-    assert "Installed" in capsys.readouterr().out
-    assert main(["install", "comfyui", str(root)]) == 0 and "Already installed" in capsys.readouterr().out
+def fake_host(root, host):
+    """A folder with the files that mark a checkout of `host`."""
+    for marker in HOSTS[host].markers:
+        (root / marker).parent.mkdir(parents=True, exist_ok=True)
+        (root / marker).write_text("")
+    return root
 
-    copied = tmp_path / "ComfyUI-copy"
-    (copied / "comfy").mkdir(parents=True)
-    (copied / "comfy" / "lora.py").write_text("")
-    (copied / "nodes.py").write_text("")
+
+@pytest.mark.parametrize("host_name", sorted(HOSTS))
+def test_install_links_once_and_refuses_other_folders(host_name, tmp_path, capsys):
+    spec = HOSTS[host_name]
+    root = fake_host(tmp_path / "host", host_name)
+    assert main(["install", host_name, str(root)]) == 0
+    target = root / spec.plugins / "lie-diffusion"
+    assert target.resolve() == Path(importlib.import_module(f"lie_diffusion.integrations.{spec.source}").__file__).parent
+    assert "Installed" in capsys.readouterr().out
+    assert main(["install", host_name, str(root)]) == 0 and "Already installed" in capsys.readouterr().out
+
+    copied = fake_host(tmp_path / "host-copy", host_name)
     for _ in range(2):
-        assert main(["install", "comfyui", str(copied), "--copy"]) == 0
-    assert not (copied / "custom_nodes" / "lie-diffusion").is_symlink()
+        assert main(["install", host_name, str(copied), "--copy"]) == 0
+    assert not (copied / spec.plugins / "lie-diffusion").is_symlink()
     assert "Already installed" in capsys.readouterr().out
 
-    (copied / "custom_nodes" / "lie-diffusion" / "__init__.py").write_text("# someone else's node\n")
+    (copied / spec.plugins / "lie-diffusion" / "__init__.py").write_text("# someone else's code\n")
     for argv, words in (
-        (["install", "comfyui", str(copied), "--copy"], ["exists and is not this lie-diffusion's ComfyUI folder"]),
-        (["install", "comfyui", str(tmp_path)], ["not a ComfyUI folder", "comfy/lora.py"]),
+        (["install", host_name, str(copied), "--copy"], [f"exists and is not this lie-diffusion's {spec.title}"]),
+        (["install", host_name, str(tmp_path)], [f"not a {spec.title} folder", spec.markers[0]]),
     ):
         assert main(argv) == 1
         captured = capsys.readouterr()
         assert not captured.out and all(word in captured.err for word in words), captured.err
+
+
+def test_forge_hooks_route_only_lie_diffusion_files(host, tmp_path, monkeypatch):
+    """install_hooks (run by Forge at start-up) against stand-ins for Forge's LoRA modules: the calculator is
+    registered, lie-diffusion files go to load_lie_for_models, every other file to Forge's own loader."""
+    forge = importlib.import_module("lie_diffusion.integrations.forge")
+    calls = []
+    networks = ModuleType("networks")
+    networks.load_lora_for_models = lambda *args, **kwargs: calls.append(("forge", kwargs["filename"])) or "forge"
+    backend_lora = ModuleType("backend.patcher.lora")
+    backend_lora.extra_weight_calculators = {}
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    monkeypatch.setitem(sys.modules, "backend.patcher.lora", backend_lora)
+    monkeypatch.setattr(forge, "load_lie_for_models", lambda *args: calls.append(("lie", args[2])) or "lie")
+    for _ in range(2):  # idempotent: a second start-up does not wrap the wrapper
+        forge.install_hooks()
+    assert backend_lora.extra_weight_calculators == {"lie": forge.calculate}
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(kohya))
+    for path in (host.adapted.path, kohya, tmp_path / "old.ckpt"):
+        networks.load_lora_for_models(None, None, {}, 1.0, 1.0, filename=str(path))
+    assert calls == [("lie", str(host.adapted.path)), ("forge", str(kohya)), ("forge", str(tmp_path / "old.ckpt"))]
+
+    weight = host.weights[model_key(host.file.section("lie")[0])].clone()
+    patch = forge.lie_patch(host.file.section("lie")[0])
+    assert patch[0] == "lie" and torch.allclose(
+        forge.calculate(weight.clone(), 0.5, patch[1]), reference(weight, patch[1].entry, 0.5).float())

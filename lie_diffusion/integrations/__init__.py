@@ -23,7 +23,11 @@ class Host:
     source: str  # our folder for it, beside this file
 
 
-HOSTS = {"comfyui": Host("ComfyUI", ("comfy/lora.py", "nodes.py"), "custom_nodes", "comfyui")}
+HOSTS = {
+    "comfyui": Host("ComfyUI", ("comfy/lora.py", "nodes.py"), "custom_nodes", "comfyui"),
+    "forge": Host("Forge", ("backend/patcher/lora.py", "extensions-builtin/sd_forge_lora/networks.py"), "extensions",
+                  "forge"),
+}
 
 
 def install(host: str, root, copy: bool = False) -> tuple[Path, bool]:
@@ -49,8 +53,8 @@ def install(host: str, root, copy: bool = False) -> tuple[Path, bool]:
 
 
 def _same_files(source: Path, target: Path) -> bool:
+    """Whether `target` is a copy of `source` (its files byte for byte; caches aside)."""
     if not target.is_dir() or target.is_symlink():
         return False
-    names = sorted(p.name for p in source.iterdir() if p.name != "__pycache__")
-    match, mismatch, errors = filecmp.cmpfiles(source, target, names, shallow=False)
-    return not mismatch and not errors
+    files = [p.relative_to(source) for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    return all((target / f).is_file() and filecmp.cmp(source / f, target / f, shallow=False) for f in files)
