@@ -29,24 +29,19 @@ class LiePatch:
     """One Lie module as a weight patch. `calculate_weight` has the call signature of ComfyUI's
     `WeightAdapterBase.calculate_weight`; the ComfyUI glue makes a subclass that is also one."""
 
-    name = "lie"
+    name = "lie"  # ComfyUI names the adapter in its warnings
 
     def __init__(self, entry: ModuleEntry):
         self.entry = entry
-        self.loaded_keys: set[str] = set()
-        self.weights = [entry.A, entry.B]
-
-    def update(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
-        """ΔW at strength t, in float32 on W's device: W ⊙ expm1(t·sΔ) (exp) or t·s·W ⊙ Δ (taylor)."""
-        entry, device = self.entry, weight.device
-        factor = LieFactor(entry.A.to(device), entry.B.to(device), strength * entry.scaling, entry.mode)
-        return lie_update(weight.float(), factor)
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weights=None):
-        """W ← W + function(ΔW), summed in float32 and rounded once to W's dtype (fp16/bf16 in ComfyUI's
-        low-VRAM path). In place: ComfyUI keeps the tensor it passed when the patch targets a slice."""
-        return weight.copy_(weight.float() + function(self.update(weight, strength)))
+        """W ← W + function(ΔW) with ΔW = W ⊙ expm1(t·sΔ) (exp) or t·s·W ⊙ Δ (taylor) at strength t, summed in
+        float32 and rounded once to W's dtype (fp16/bf16 in ComfyUI's low-VRAM path). In place: ComfyUI keeps
+        the tensor it passed when the patch targets a slice."""
+        entry, base = self.entry, weight.float()
+        factor = LieFactor(entry.A.to(weight.device), entry.B.to(weight.device), strength * entry.scaling, entry.mode)
+        return weight.copy_(base + function(lie_update(base, factor)))
 
 
 def is_lie_file(path) -> bool:

@@ -604,7 +604,7 @@ def check_adapted_finite(path, entry: ModuleEntry, weight: torch.Tensor, scale: 
     """
     s = scale * entry.scaling
     bound = abs(s) * entry.B.flatten(1).norm(dim=1).max().item() * entry.A.flatten(1).norm(dim=0).max().item()
-    largest = weight.detach().abs().max().item()
+    largest = weight.detach().float().abs().max().item()  # float(): hosts may hold fp8 weights
     if entry.section == "lora":
         worst = largest + bound
     else:
