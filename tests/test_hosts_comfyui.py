@@ -272,3 +272,43 @@ def test_bad_files_raise_naming_the_file_and_patch_nothing(comfy, setup):
             loader.load(setup.model, setup.clip, name, 1.0, 1.0)
         assert name in str(error.value)
         assert not setup.model.patches and not setup.clip.patcher.patches
+
+
+def test_a_file_trained_by_the_dreambooth_script(comfy, tmp_path):
+    """The issue's case: train with train_scripts/train_dreambooth_lie.py (UNet and text encoder), load the
+    result through the node, compare with merge_lie_weights."""
+    import subprocess
+
+    from diffusers import StableDiffusionPipeline
+
+    from lie_diffusion.tiny import build_tiny_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "examples"))
+    from synthetic_data import make_instance_images
+
+    base, images = build_tiny_pipeline(tmp_path / "base", "sd1"), tmp_path / "images"
+    make_instance_images(images, count=2, size=48)
+    command = [sys.executable, str(repo / "train_scripts" / "train_dreambooth_lie.py"),
+               "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(images),
+               "--instance_prompt", "a photo of sks toy", "--output_dir", str(tmp_path / "out"), "--resolution", "32",
+               "--train_batch_size", "1", "--max_train_steps", "3", "--learning_rate", "0.01", "--lr_warmup_steps",
+               "0", "--seed", "0", "--train_text_encoder", "--num_inference_steps", "2"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    (comfy.loras / "trained.safetensors").write_bytes(trained.read_bytes())
+    adapted = SimpleNamespace(base=base, path=trained, cls=StableDiffusionPipeline)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    model, unet_names = comfy_model(comfy, pipe)
+    clip, clip_names = comfy_clip(comfy, pipe)
+    setup = SimpleNamespace(names={**unet_names, **clip_names})
+    base_weights = diffusers_weights(adapted)
+    for strength in (1.0, 0.5):
+        patched = node(comfy, "LieAdapterLoader").load(model, clip, "trained.safetensors", strength, strength)
+        expected = diffusers_weights(adapted, strength)
+        changed = {c for c, k in expected if not torch.equal(expected[(c, k)], base_weights[(c, k)])}
+        assert changed == {"unet", "text_encoder"}
+        assert_same(patched_weights(setup, *patched), expected)
