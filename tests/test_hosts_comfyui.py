@@ -167,18 +167,31 @@ def diffusers_weights(adapted, *scales, before=None):
             if getattr(pipe, c, None) is not None for k, v in getattr(pipe, c).state_dict().items()}
 
 
-def patched_weights(setup, model, clip):
-    """ComfyUI's weights after it applies the patches (ModelPatcher.patch_model), by diffusers name."""
+def merged_with_lora(adapted, strength, lora_updates, order):
+    """merge_lie_weights at `strength`, with a plain LoRA's updates added before ("lora first") or after it."""
+    if order == "lora first":
+        return diffusers_weights(adapted, strength, before=lora_updates)
+    merged = diffusers_weights(adapted, strength)
+    return {k: v + lora_updates[k] if k in lora_updates else v for k, v in merged.items()}
+
+
+def host_weights(setup, patchers, apply, restore):
+    """Every weight the host's `patchers` hold while `apply(patcher)` is in force, by diffusers name."""
     out = {}
-    for patcher in (model, clip.patcher):
-        patcher.patch_model()
+    for patcher in patchers:
+        apply(patcher)
         try:
             out.update({setup.names[k]: v.detach().clone() for k, v in patcher.model.state_dict().items()
                         if k in setup.names})
         finally:
-            patcher.unpatch_model()
+            restore(patcher)
     assert out.keys() == set(setup.names.values())
     return out
+
+
+def patched_weights(setup, model, clip):
+    """ComfyUI's weights after it applies the patches (ModelPatcher.patch_model)."""
+    return host_weights(setup, (model, clip.patcher), lambda p: p.patch_model(), lambda p: p.unpatch_model())
 
 
 def assert_same(got, expected, rtol=FP32_RTOL):
@@ -226,12 +239,7 @@ def test_composes_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):
     for step in steps if order == "lora first" else steps[::-1]:
         model, clip = step(model, clip)
     lora_updates = {k: strength * v for k, v in setup.lora.updates.items()}
-    if order == "lora first":
-        expected = diffusers_weights(setup.adapted, 0.5, before=lora_updates)
-    else:
-        expected = diffusers_weights(setup.adapted, 0.5)
-        expected.update({k: expected[k] + v for k, v in lora_updates.items()})
-    assert_same(patched_weights(setup, model, clip), expected)
+    assert_same(patched_weights(setup, model, clip), merged_with_lora(setup.adapted, 0.5, lora_updates, order))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_export import _adapted
-from test_hosts_comfyui import assert_same, diffusers_weights, ldm_unet_config
+from test_hosts_comfyui import assert_same, diffusers_weights, host_weights, ldm_unet_config, merged_with_lora
 
 FORGE = os.environ.get("LIE_FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE, reason="set LIE_FORGE_DIR to a Forge checkout to run these")
@@ -76,16 +76,8 @@ def setup(request, forge, tmp_path_factory):
 
 def applied(setup, model, clip):
     """Forge's weights after LoraLoader.refresh applies the patches; the originals are restored after."""
-    out = {}
-    for patcher in (model, clip.patcher):
-        patcher.refresh_loras()
-        try:
-            out.update({setup.names[k]: v.detach().clone() for k, v in patcher.model.state_dict().items()
-                        if k in setup.names})
-        finally:
-            patcher.lora_loader.refresh(lora_patches={}, force_refresh=True)
-    assert out.keys() == set(setup.names.values())
-    return out
+    return host_weights(setup, (model, clip.patcher), lambda p: p.refresh_loras(),
+                        lambda p: p.lora_loader.refresh(lora_patches={}, force_refresh=True))
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
@@ -125,12 +117,7 @@ def test_composes_with_a_plain_lora_loaded_by_forge(forge, setup, order):
     model, clip = setup.model, setup.clip
     for step in (plain, lie) if order == "lora first" else (lie, plain):
         model, clip = step(model, clip)
-    if order == "lora first":
-        expected = diffusers_weights(setup.adapted, 0.5, before=update)
-    else:
-        expected = diffusers_weights(setup.adapted, 0.5)
-        expected.update({k: expected[k] + v for k, v in update.items()})
-    assert_same(applied(setup, model, clip), expected)
+    assert_same(applied(setup, model, clip), merged_with_lora(setup.adapted, 0.5, update, order))
 
 
 def test_bad_file_raises_naming_it_and_patches_nothing(forge, setup, tmp_path):
