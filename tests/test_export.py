@@ -206,8 +206,8 @@ def outputs(pipe):
 def _adapted(root, kind):
     """A base pipeline folder and a saved adapter with: Lie convs (one in taylor mode, one rank/alpha override),
     LoRA attention with alpha != rank, and per text encoder LoRA or Lie-on-Linear."""
-    if kind == "sd1":
-        base, cls = build_tiny_pipeline(root / "base", "sd1"), StableDiffusionPipeline
+    if kind in ("sd1", "sd2"):
+        base, cls = build_tiny_pipeline(root / "base", kind), StableDiffusionPipeline
     else:
         base, cls = build_tiny_sdxl_pipeline(root / "base"), StableDiffusionXLPipeline
     pipe = cls.from_pretrained(str(base))

@@ -1,4 +1,4 @@
-"""Opt-in: the ComfyUI node against a real ComfyUI checkout, for tiny SD1 and SDXL models.
+"""Opt-in: the ComfyUI node against a real ComfyUI checkout, for tiny SD1, SD2 and SDXL models.
 
 Skipped unless LIE_COMFYUI_DIR names a ComfyUI folder whose requirements are installed beside lie-diffusion's.
 ComfyUI's own classes build the models (its UNet from a config, its CLIP models, ModelPatcher), its custom-node
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI, reason="set LIE_COMFYUI_DIR to a Co
 NODE_DIR = Path(__file__).resolve().parents[1] / "lie_diffusion" / "integrations" / "comfyui"
 FP32_RTOL = 2**-22  # two float32 ulps (measured: all within one); ComfyUI sums W + W ⊙ expm1(sΔ), merge takes W ⊙ exp(sΔ)
 CPU = torch.device("cpu")
+KINDS = ("sd1", "sd2", "sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,11 @@ def ldm_unet_config(config) -> dict:
     }
 
 
-def comfy_model(comfy, pipe):
+def comfy_model(comfy, pipe, kind):
     """A ComfyUI MODEL holding the pipeline's UNet weights, and ComfyUI key -> diffusers key."""
     config = dict(pipe.unet.config)
-    family = comfy.supported_models.SDXL if config["addition_embed_type"] == "text_time" else comfy.supported_models.SD15
+    family = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
+              "sdxl": comfy.supported_models.SDXL}[kind]
     model_config = family(ldm_unet_config(config))
     model_config.unet_config.update(num_heads=-1, num_head_channels=4)  # the class default: 0 heads at toy width
     model_config.set_inference_dtype(torch.float32, None)
@@ -79,9 +81,9 @@ def comfy_model(comfy, pipe):
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU), names
 
 
-def comfy_clip(comfy, pipe):
-    """A ComfyUI CLIP holding the pipeline's text encoders (clip_l, and clip_g for SDXL)."""
-    encoders = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+def comfy_clip(comfy, pipe, kind):
+    """A ComfyUI CLIP holding the pipeline's text encoders (clip_l, and clip_g for SDXL; clip_h for SD2)."""
+    encoders = {"clip_h" if kind == "sd2" else "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
     stage, names = torch.nn.Module(), {}
     for clip_name, component in encoders.items():
         encoder = getattr(pipe, component, None)
@@ -109,18 +111,18 @@ def comfy_clip(comfy, pipe):
 def files(comfy, tmp_path_factory):
     """An adapted tiny pipeline per layout, its adapter file in ComfyUI's loras folder."""
     out = {}
-    for kind in ("sd1", "sdxl"):
+    for kind in KINDS:
         out[kind] = _adapted(tmp_path_factory.mktemp(f"comfy-{kind}"), kind)
         (comfy.loras / f"lie-{kind}.safetensors").write_bytes(out[kind].path.read_bytes())
     return out
 
 
-@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+@pytest.fixture(scope="module", params=KINDS)
 def setup(request, comfy, files):
     adapted = files[request.param]
     pipe = adapted.cls.from_pretrained(str(adapted.base))
-    model, unet_names = comfy_model(comfy, pipe)
-    clip, clip_names = comfy_clip(comfy, pipe)
+    model, unet_names = comfy_model(comfy, pipe, request.param)
+    clip, clip_names = comfy_clip(comfy, pipe, request.param)
     names = {**unet_names, **clip_names}
     return SimpleNamespace(adapted=adapted, kind=request.param, model=model, clip=clip, names=names,
                            lora=plain_lora(comfy, request.param, model, clip, names),
@@ -269,7 +271,7 @@ def test_model_only_variant_patches_the_unet_only(comfy, setup):
 
 
 def test_bad_files_raise_naming_the_file_and_patch_nothing(comfy, setup):
-    other = "sdxl" if setup.kind == "sd1" else "sd1"
+    other = "sd1" if setup.kind == "sdxl" else "sdxl"
     huge = _rewrite(setup.adapted.path, comfy.loras / f"huge-{setup.kind}.safetensors",
                     edit_info=lambda info: info.update(alpha=1e30))
     cases = {huge.name: "NaN/inf", setup.lora.file: "not a lie-diffusion file",
@@ -310,8 +312,8 @@ def test_a_file_trained_by_the_dreambooth_script(comfy, tmp_path):
     (comfy.loras / "trained.safetensors").write_bytes(trained.read_bytes())
     adapted = SimpleNamespace(base=base, path=trained, cls=StableDiffusionPipeline)
     pipe = StableDiffusionPipeline.from_pretrained(str(base))
-    model, unet_names = comfy_model(comfy, pipe)
-    clip, clip_names = comfy_clip(comfy, pipe)
+    model, unet_names = comfy_model(comfy, pipe, "sd1")
+    clip, clip_names = comfy_clip(comfy, pipe, "sd1")
     setup = SimpleNamespace(names={**unet_names, **clip_names})
     base_weights = diffusers_weights(adapted)
     for strength in (1.0, 0.5):
