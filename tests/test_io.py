@@ -511,6 +511,18 @@ def test_bad_input_is_refused_and_pipeline_unchanged(case, adapter, victim, tmp_
     assert_untouched(victim, state)
 
 
+def test_finiteness_check_bounds_first_and_skips_offloaded_weights():
+    """Sound factors pass on the cheap bound; huge ones are checked element by element, also against a
+    half-precision weight's range; a weight without values (meta) is not checked."""
+    A, B = torch.full((1, 3), 2.0), torch.full((4, 1), 2.0)
+    entry = lie_io.ModuleEntry("unet", "m", "lie", A, B, alpha=1.0, mode="exp")  # Δ = 4 everywhere
+    weight = torch.full((4, 3), 1000.0)
+    lie_io.check_adapted_finite("f", entry, weight)  # 1000·e⁴ ≈ 5.5e4 fits float32
+    with pytest.raises(ValueError, match=r"f: lie\.unet\.m: .* 12 NaN/inf value\(s\) in torch.float16 at strength 2"):
+        lie_io.check_adapted_finite("f", entry, weight.half(), scale=2.0)  # 1000·e⁸ overflows fp16
+    lie_io.check_adapted_finite("f", entry, weight.to("meta"), scale=1e6)
+
+
 def test_file_for_another_base_model_names_shapes_and_config(victim, tmp_path):
     unet = tiny_unet("sdxl")
     add_lie_adapters(unet, LieConfig())
