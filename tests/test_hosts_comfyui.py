@@ -2,7 +2,7 @@
 
 Skipped unless LIE_COMFYUI_DIR names a ComfyUI folder whose requirements are installed beside lie-diffusion's.
 ComfyUI's own classes build the models (its UNet from a config, its CLIP models, ModelPatcher), its custom-node
-loader imports the node, and its own code applies the patches: ModelPatcher.patch_model (fp32 weights), stock
+discovery imports the node that `lie-diffusion install comfyui` put in place, and its own code applies the patches: ModelPatcher.patch_model (fp32 weights), stock
 LoraLoader for a plain LoRA before and after, and LowVramPatch (what its low-VRAM path runs on each fp16/bf16
 weight). Every patched weight is compared with lie-diffusion's merge_lie_weights at the same strength.
 """
@@ -21,11 +21,11 @@ from test_export import _adapted
 from test_io import _rewrite
 
 from lie_diffusion import load_lie_weights, merge_lie_weights, read_lie_file
+from lie_diffusion.cli import main
 from lie_diffusion.hosts import LiePatch
 
 COMFYUI = os.environ.get("LIE_COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="set LIE_COMFYUI_DIR to a ComfyUI checkout to run these")
-NODE_DIR = Path(__file__).resolve().parents[1] / "lie_diffusion" / "integrations" / "comfyui"
 FP32_RTOL = 2**-22  # two float32 ulps (measured: all within one); ComfyUI sums W + W ⊙ expm1(sΔ), merge takes W ⊙ exp(sΔ)
 CPU = torch.device("cpu")
 KINDS = ("sd1", "sd2", "sdxl")
@@ -39,7 +39,15 @@ def comfy(tmp_path_factory):
     names = ("comfy.lora", "comfy.model_patcher", "comfy.sd", "comfy.sd1_clip", "comfy.supported_models",
              "comfy.utils", "folder_paths", "nodes")
     host = SimpleNamespace(**{name.split(".")[-1]: importlib.import_module(name) for name in names})
-    assert asyncio.run(host.nodes.load_custom_node(str(NODE_DIR)))  # as ComfyUI loads custom_nodes/*
+    # `lie-diffusion install` into a folder with ComfyUI's layout, then ComfyUI's own custom-node discovery
+    root = tmp_path_factory.mktemp("comfyui-root")
+    for marker in ("comfy/lora.py", "nodes.py"):
+        (root / marker).parent.mkdir(exist_ok=True)
+        (root / marker).write_text("")
+    assert main(["install", "comfyui", str(root)]) == 0
+    host.folder_paths.folder_names_and_paths["custom_nodes"] = ([str(root / "custom_nodes")], set())
+    asyncio.run(host.nodes.init_external_custom_nodes())
+    assert "LieAdapterLoader" in host.nodes.NODE_CLASS_MAPPINGS
     host.loras = tmp_path_factory.mktemp("loras")
     host.folder_paths.add_model_folder_path("loras", str(host.loras), is_default=True)
     return host
