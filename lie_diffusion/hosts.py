@@ -1,4 +1,4 @@
-"""The host-free core of the ComfyUI, Forge and A1111 loaders: a lie-diffusion file → the patches a host applies.
+"""The host-free core of the ComfyUI and Forge loaders: a lie-diffusion file → the patches a host applies.
 
 The hosts hold SD models in the LDM/SGM layout and find a LoRA's layers through kohya key names, so each
 module is named the way `export` names it (the UNet fingerprint in the file tells SD1/2 from SDXL). Lie
