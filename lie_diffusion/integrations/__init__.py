@@ -1,4 +1,4 @@
-"""Folders the SD hosts load (a ComfyUI custom node; Forge and A1111 extensions) and their installer.
+"""Folders the SD hosts load (a ComfyUI custom node, a Forge extension) and their installer.
 
 Each folder is thin glue around `lie_diffusion.hosts` and imports its host only when the host runs it.
 Installing links the folder into the host's plugin folder (or copies it), so the host runs the code of the
