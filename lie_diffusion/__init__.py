@@ -1,6 +1,6 @@
 """lie-diffusion: Lie-group adapters (LieRA) for diffusers' Stable Diffusion UNets and CLIP encoders."""
 
-from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_weight
+from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_update, lie_weight
 from .inject import LieConfig, add_lie_adapters, merge_lie_weights
 from .io import load_lie_weights, read_lie_file, save_lie_weights
 from .layers import LieConv2d, LieLinear, LieLoraConfig, set_lie_speed_options
@@ -18,6 +18,7 @@ __all__ = [
     "lie_delta",
     "lie_linear",
     "lie_multiplier",
+    "lie_update",
     "lie_weight",
     "load_lie_weights",
     "merge_lie_weights",

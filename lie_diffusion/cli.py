@@ -1,7 +1,9 @@
-"""`lie-diffusion merge | inspect | export | extract`: bake an adapter into a pipeline, describe one, convert
-one to the kohya format other tools read, or extract one from a fully fine-tuned model.
+"""`lie-diffusion merge | inspect | export | extract | install`: bake an adapter into a pipeline, describe one,
+convert one to the kohya format other tools read, extract one from a fully fine-tuned model, or install the
+loader that applies the files exactly inside an SD host (ComfyUI, Forge).
 
-Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts.
+Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts; a closed
+output pipe ends a command quietly with status 141, as it does other Unix tools.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=inspect_command)
     _add_export_parser(commands)
     _add_extract_parser(commands)
+    _add_install_parser(commands)
     return parser
 
 
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (`lie-diffusion inspect FILE | head`): stop quietly like any Unix filter. Point
+        # stdout at devnull so Python's own flush at exit does not report the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it for other tools
     except KeyboardInterrupt:
         print(f"lie-diffusion {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -283,3 +292,34 @@ def extract_command(args: argparse.Namespace) -> None:
     )
     print(format_report(fits, total, other))
     print(f"Wrote {path}.")
+
+
+# ---------------------------------------------------------------------------------------------- install
+
+
+def _add_install_parser(commands) -> None:
+    from .integrations import HOSTS
+
+    install = commands.add_parser(
+        "install",
+        help="install the native lie-diffusion loader into an SD host (" + ", ".join(HOSTS) + ")",
+        description="Link the lie-diffusion loader into a host's plugin folder (ComfyUI: custom_nodes/, Forge: "
+        "extensions/), so the "
+        "host applies lie-diffusion files exactly at every strength. Safe to run again. The host's Python needs "
+        "lie-diffusion installed (pip install lie-diffusion).",
+    )
+    install.add_argument("host", choices=sorted(HOSTS), help="the host to install into")
+    install.add_argument("path", help="the host's folder (the ComfyUI or Forge checkout)")
+    install.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
+    install.set_defaults(func=install_command)
+
+
+def install_command(args: argparse.Namespace) -> None:
+    from .integrations import HOSTS, install
+
+    target, changed = install(args.host, args.path, copy=args.copy)
+    title = HOSTS[args.host].title
+    if changed:
+        print(f"Installed the lie-diffusion loader for {title}: {target}. Restart {title} to load it.")
+    else:
+        print(f"Already installed: {target}.")

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .functional import lie_delta
+from .functional import LieFactor, lie_delta, lie_update
 from .io import COMPONENTS, LieFile, ModuleEntry, _atomic_write, _fingerprint_diff, _plan, read_lie_file
 
 FORMATS = ("kohya",)
@@ -187,15 +187,9 @@ def check_base(adapter: LieFile, models: dict[str, nn.Module]) -> dict[str, dict
 # ------------------------------------------------------------------------------------------------- math
 
 
-def lie_update(weight: torch.Tensor, entry: ModuleEntry) -> torch.Tensor:
-    """ΔW of a Lie adapter at strength 1, in float64: W ⊙ expm1(sΔ) (exp) or W ⊙ sΔ (taylor)."""
-    delta = lie_delta(entry.A.double(), entry.B.double(), entry.alpha / entry.rank, weight.shape)
-    return weight.double() * (torch.expm1(delta) if entry.mode == "exp" else delta)
-
-
 def lora_update(entry: ModuleEntry, shape) -> torch.Tensor:
     """ΔW of an additive LoRA: (alpha/rank)·B@A, in float64."""
-    return lie_delta(entry.A.double(), entry.B.double(), entry.alpha / entry.rank, shape)
+    return lie_delta(entry.A.double(), entry.B.double(), entry.scaling, shape)
 
 
 def truncation_errors(singular_values: torch.Tensor) -> torch.Tensor:
@@ -279,7 +273,7 @@ def _export_module(name, entry, weight, conv, rank, max_rel_error, dtype):
         out = {f"{name}.lora_down.weight": entry.A.to(dtype), f"{name}.lora_up.weight": entry.B.to(dtype),
                f"{name}.alpha": torch.tensor(entry.alpha, dtype=torch.float32)}
         return out, _row(name, entry, "lora", entry.rank, max_rank, update, out)
-    update = lie_update(weight, entry)
+    update = lie_update(weight.double(), LieFactor(entry.A.double(), entry.B.double(), entry.scaling, entry.mode))
     if conv != "exact":
         if rank is not None and rank > max_rank:
             raise ValueError(

@@ -100,6 +100,17 @@ def lie_multiplier(factors: Sequence[LieFactor], shape: Sequence[int]) -> torch.
     return multiplier
 
 
+def lie_update(weight: torch.Tensor, factor: LieFactor) -> torch.Tensor:
+    """ΔW = W' − W of one adapter: W ⊙ expm1(Δ) (exp) or W ⊙ Δ (taylor), in float32 at least.
+
+    The additive form, for hosts that apply patches as W + ΔW; expm1 keeps the digits of a small Δ that
+    exp(Δ) − 1 would cancel away.
+    """
+    _check_mode(factor.mode)
+    delta = lie_delta(factor.A, factor.B, factor.scaling, weight.shape)
+    return weight * (torch.expm1(delta) if factor.mode == "exp" else delta)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .functional import BALANCES, MODES
+from .functional import BALANCES, MODES, LieFactor, lie_delta, lie_multiplier
 from .inject import LieConfig, add_lie_adapters, find_targets, remove_adapter
 from .layers import LieLayerMixin, unwrap_layer
 
@@ -82,6 +82,11 @@ class ModuleEntry:
     def ref(self) -> str:
         """The module's name in the file's namespace: `<component>.<module>`."""
         return f"{self.component}.{self.module}"
+
+    @property
+    def scaling(self) -> float:
+        """s in Δ = reshape(B_flat @ A_flat) · s, at strength 1."""
+        return self.alpha / self.rank
 
     @property
     def key_prefix(self) -> str:
@@ -531,8 +536,10 @@ def _fingerprint_diff(parsed: LieFile, unet: nn.Module | None) -> str:
     return "; ".join(diffs)
 
 
-def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> dict[str, _ComponentPlan]:
-    """Check every module of the file against the models; raise before anything is changed."""
+def _plan(
+    parsed: LieFile, models: dict[str, nn.Module], adapter_name: str, scale: float = 1.0
+) -> dict[str, _ComponentPlan]:
+    """Check every module of the file against the models (at strength `scale`); raise before anything is changed."""
     path, problems = parsed.path, []
     plans = {}
     for component in parsed.components:
@@ -573,6 +580,7 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
                     "adapters); load plain conv-LoRA files with pipe.load_lora_weights"
                 )
                 continue
+            check_adapted_finite(path, entry, layer.weight, scale)
             entries[name] = entry
             if isinstance(layer, nn.Linear):
                 linear_sections.add(entry.section)
@@ -599,6 +607,41 @@ def _plan(parsed: LieFile, models: dict[str, nn.Module], adapter_name: str) -> d
     if diff:
         warnings.warn(f"{path}: the file was saved for a UNet with a different config ({diff}).", stacklevel=3)
     return plans
+
+
+@torch.no_grad()
+def check_adapted_finite(path, entry: ModuleEntry, weight: torch.Tensor, scale: float = 1.0) -> None:
+    """Refuse a module whose adapted weight, W ⊙ M(t·sΔ) (Lie) or W + t·sBA (LoRA), would not be finite in W's
+    dtype: a huge alpha or a corrupted factor loads without complaint and then renders NaN images.
+
+    The Cauchy–Schwarz bound |Δᵢⱼ| ≤ |s|·‖Bᵢ‖·‖Aⱼ‖ clears sound files from the factors alone; only a module
+    near the edge has its adapted weight built (once, in float32) and checked element by element.
+    """
+    if weight.is_meta:  # offloaded (accelerate's sequential offload): the values are not here to check
+        return
+    s = scale * entry.scaling
+    bound = abs(s) * entry.B.flatten(1).norm(dim=1).max().item() * entry.A.flatten(1).norm(dim=0).max().item()
+    largest = weight.detach().float().abs().max().item()  # float(): hosts may hold fp8 weights
+    if entry.section == "lora":
+        worst = largest + bound
+    else:
+        # max(·, 1): the multiplier itself must be finite too, or a zero in W gives 0 · inf = NaN
+        worst = max(largest, 1.0) * (math.exp(min(bound, 700.0)) if entry.mode == "exp" else 1 + bound)
+    limit = torch.finfo(weight.dtype).max
+    if worst <= limit:
+        return
+    base = weight.detach().to("cpu", torch.float32)
+    if entry.section == "lora":
+        adapted = base + lie_delta(entry.A, entry.B, s, weight.shape)
+    else:
+        adapted = base * lie_multiplier([LieFactor(entry.A, entry.B, s, entry.mode)], weight.shape)
+    bad = (~(adapted.abs() <= limit)).sum().item()  # NaN compares False
+    if bad:
+        raise ValueError(
+            f"{path}: {entry.key_prefix}: the adapted weight {tuple(weight.shape)} would hold {bad} NaN/inf value(s) "
+            f"in {weight.dtype} at strength {scale:g} (alpha {entry.alpha:g}, rank {entry.rank}, "
+            f"|sΔ| ≤ {bound:.3g}); the file is corrupt or its alpha is wrong."
+        )
 
 
 def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linear: bool,
@@ -636,7 +679,7 @@ def load_lie_weights(
     Returns the parsed file.
     """
     parsed = path_or_dir if isinstance(path_or_dir, LieFile) else read_lie_file(path_or_dir, weight_name)
-    plans = _plan(parsed, _components_of(pipeline_or_unet), adapter_name)
+    plans = _plan(parsed, _components_of(pipeline_or_unet), adapter_name, scale)
     trainable = {c: [(p, p.requires_grad) for p in plan.model.parameters()] for c, plan in plans.items()}
     injected = []
     try:

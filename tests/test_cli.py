@@ -19,11 +19,11 @@ from lie_diffusion.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_module(*args):
+def run_module(*args, **options):
+    """`python -m lie_diffusion ARGS` on this checkout; output captured unless `options` say otherwise."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.run(
-        [sys.executable, "-m", "lie_diffusion", *map(str, args)], capture_output=True, text=True, env=env
-    )
+    options = {"capture_output": True, **options}
+    return subprocess.run([sys.executable, "-m", "lie_diffusion", *map(str, args)], text=True, env=env, **options)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,15 @@ def test_inspect_as_subprocess(adapter):
     )
     assert "lie      conv    4     2      exp   1,280   unet.down_blocks.0.resnets.0.conv1" in report
     assert "lora     linear  2     2      -     " in report
+
+
+def test_closed_output_pipe_ends_quietly(adapter):
+    """`lie-diffusion inspect FILE | head -0`: the reader is gone before the first write."""
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "wb") as stdout:
+        result = run_module("inspect", adapter.path, capture_output=False, stdout=stdout, stderr=subprocess.PIPE)
+    assert (result.returncode, result.stderr) == (141, "")
 
 
 def test_inspect_lie_only_file_says_stock_diffusers_sees_nothing(tmp_path, capsys):

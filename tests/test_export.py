@@ -21,7 +21,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_io import max_diff, randomize_adapters
+from test_io import _rewrite, max_diff, randomize_adapters
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lie_diffusion import LieConfig, add_lie_adapters, read_lie_file, save_lie_weights
@@ -206,8 +206,8 @@ def outputs(pipe):
 def _adapted(root, kind):
     """A base pipeline folder and a saved adapter with: Lie convs (one in taylor mode, one rank/alpha override),
     LoRA attention with alpha != rank, and per text encoder LoRA or Lie-on-Linear."""
-    if kind == "sd1":
-        base, cls = build_tiny_pipeline(root / "base", "sd1"), StableDiffusionPipeline
+    if kind in ("sd1", "sd2"):
+        base, cls = build_tiny_pipeline(root / "base", kind), StableDiffusionPipeline
     else:
         base, cls = build_tiny_sdxl_pipeline(root / "base"), StableDiffusionXLPipeline
     pipe = cls.from_pretrained(str(base))
@@ -395,6 +395,8 @@ def test_bad_input_gives_one_line_and_no_file(adapted, tiny_sd2_pipeline_dir, ca
     _fails(capsys, [*argv, "--format", "lycoris-loha"], "unknown format 'lycoris-loha'", "kohya")
     _fails(capsys, [*argv, "--conv", "lowrank", "--rank", "100000"], "--rank 100000 is larger than", "at most")
     _fails(capsys, [*argv, "--conv", "exact", "--rank", "2"], "--rank applies to --conv lowrank")
+    huge = _rewrite(adapted.path, adapted.root / "huge-alpha.safetensors", edit_info=lambda i: i.update(alpha=1e30))
+    _fails(capsys, ["export", str(huge), *argv[2:]], "the adapted weight", "NaN/inf", "alpha 1e+30")
     assert not out.exists() and not list(adapted.root.glob(".bad.safetensors*"))
 
 

@@ -436,6 +436,18 @@ def _bad_nan(src, d):
     return _rewrite(src, d / "nan.safetensors", poison)
 
 
+def _bad_alpha_overflow(src, d):
+    """exp(sΔ) overflows float32: every factor is finite, only the adapted weight is not."""
+    return _rewrite(src, d / "alpha.safetensors", edit_info=lambda info: info.update(alpha=1e30))
+
+
+def _bad_huge_factor(src, d):
+    def corrupt(tensors):
+        tensors[f"lie.unet.{CONV}.lora_A.weight"].view(-1)[5] = 3e38
+
+    return _rewrite(src, d / "huge.safetensors", corrupt)
+
+
 def _bad_partner(src, d):
     return _rewrite(src, d / "partner.safetensors", lambda t: t.pop(f"lie.unet.{CONV}.lora_B.weight"))
 
@@ -451,6 +463,8 @@ BAD_INPUTS = {
     "unknown format_version": (_bad_version, ValueError, "unknown lie_diffusion format_version 99"),
     "module the model lacks": (_bad_module, ValueError, r"unet has no module 'down_blocks\.7\.resnets\.0\.conv1'"),
     "NaN/inf": (_bad_nan, ValueError, rf"lie\.unet\.{CONV}\.lora_B\.weight holds 1 NaN/inf"),
+    "exp overflow (alpha 1e30)": (_bad_alpha_overflow, ValueError, r"lie\.unet\.[\w.]+: the adapted weight .* NaN/inf"),
+    "huge finite factor": (_bad_huge_factor, ValueError, rf"lie\.unet\.{CONV}: the adapted weight .* NaN/inf"),
     "partner factor missing": (_bad_partner, ValueError, rf"lie\.unet\.{CONV}\.lora_A\.weight has no partner"),
     "module's factors missing": (
         _bad_lost_module,
@@ -495,6 +509,18 @@ def test_bad_input_is_refused_and_pipeline_unchanged(case, adapter, victim, tmp_
         load_lie_weights(victim.pipe, path)
     assert str(path) in str(info.value)
     assert_untouched(victim, state)
+
+
+def test_finiteness_check_bounds_first_and_skips_offloaded_weights():
+    """Sound factors pass on the cheap bound; huge ones are checked element by element, also against a
+    half-precision weight's range; a weight without values (meta) is not checked."""
+    A, B = torch.full((1, 3), 2.0), torch.full((4, 1), 2.0)
+    entry = lie_io.ModuleEntry("unet", "m", "lie", A, B, alpha=1.0, mode="exp")  # Δ = 4 everywhere
+    weight = torch.full((4, 3), 1000.0)
+    lie_io.check_adapted_finite("f", entry, weight)  # 1000·e⁴ ≈ 5.5e4 fits float32
+    with pytest.raises(ValueError, match=r"f: lie\.unet\.m: .* 12 NaN/inf value\(s\) in torch.float16 at strength 2"):
+        lie_io.check_adapted_finite("f", entry, weight.half(), scale=2.0)  # 1000·e⁸ overflows fp16
+    lie_io.check_adapted_finite("f", entry, weight.to("meta"), scale=1e6)
 
 
 def test_file_for_another_base_model_names_shapes_and_config(victim, tmp_path):

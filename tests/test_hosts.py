@@ -1,0 +1,226 @@
+"""The host-free core of the host loaders (no host installed): names, patches, the patch math, errors, install.
+
+Key maps here follow ComfyUI's naming rules as test_export writes them down (`comfyui_table`); the patch math
+is checked against the formula written out below. tests/test_hosts_comfyui.py runs the real ComfyUI.
+"""
+
+import importlib
+import math
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_export import _adapted, comfyui_table
+from test_io import _rewrite
+
+from lie_diffusion import read_lie_file
+from lie_diffusion.cli import main
+from lie_diffusion.integrations import HOSTS
+from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, host_patches
+from lie_diffusion.io import ModuleEntry
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def host(request, tmp_path_factory):
+    """An adapted tiny pipeline and a stand-in ComfyUI: kohya name -> "component:module.weight" and its weights."""
+    adapted = _adapted(tmp_path_factory.mktemp(f"hosts-{request.param}"), request.param)
+    pipe = adapted.cls.from_pretrained(str(adapted.base))
+    encoders = {c: getattr(pipe, c).config.num_hidden_layers for c in TEXT_ENCODERS if getattr(pipe, c, None)}
+    table = comfyui_table(pipe.unet, encoders)
+    key_map = {stem: f"{c}:{m}.weight" for stem, (c, m) in table.items()}
+    weights = {f"{c}:{m}.weight": layer(pipe, c, m).weight.detach() for c, m in set(table.values())}
+    return SimpleNamespace(adapted=adapted, key_map=key_map, weights=weights, file=read_lie_file(adapted.path))
+
+
+def layer(pipe, component, module):
+    """A module by kohya's CLIP path (transformers 5 drops CLIPTextModel's leading `text_model.`)."""
+    modules = dict(getattr(pipe, component).named_modules())
+    return modules.get(module) or modules[module.removeprefix("text_model.")]
+
+
+def stand_in_load_lora(lora, to_load):
+    """Records what ComfyUI's load_lora would get: a kohya state dict and kohya name -> model key."""
+    return {key: ("lora", {part: lora[f"{stem}.{part}"] for part in ("lora_down.weight", "lora_up.weight", "alpha")})
+            for stem, key in to_load.items()}
+
+
+def patches(host, components, strength=1.0, file=None):
+    return host_patches(file or host.file, host.key_map, host.weights, strength, components, stand_in_load_lora)
+
+
+def model_key(entry: ModuleEntry) -> str:
+    module = entry.module
+    if entry.component != "unet" and not module.startswith("text_model."):
+        module = "text_model." + module
+    return f"{entry.component}:{module}.weight"
+
+
+def test_every_module_lands_on_its_own_layer(host):
+    """Lie modules become LiePatches, LoRA modules go to the host's LoRA loader with their alpha; UNet and text
+    encoders are patched separately (ComfyUI's MODEL and CLIP)."""
+    for components in (UNET, TEXT_ENCODERS):
+        got = patches(host, components)
+        entries = [e for e in host.file.modules if e.component in components]
+        assert entries and set(got) == {model_key(e) for e in entries}
+        for entry in entries:
+            patch = got[model_key(entry)]
+            if entry.section == "lie":
+                assert isinstance(patch, LiePatch) and patch.entry is entry
+            else:
+                kind, lora = patch
+                assert kind == "lora" and lora["lora_down.weight"] is entry.A and lora["lora_up.weight"] is entry.B
+                assert lora["alpha"].item() == entry.alpha
+    assert {e.section for e in host.file.modules} == {"lie", "lora"}
+
+
+def reference(weight, entry, strength):
+    """W ⊙ exp(t·sΔ) (exp) or W + t·s·W ⊙ Δ (taylor), Δ = reshape(B_flat @ A_flat), in float64."""
+    s = strength * entry.alpha / entry.rank
+    delta = (entry.B.double().reshape(entry.B.shape[0], -1) @ entry.A.double().reshape(entry.rank, -1))
+    delta = delta.reshape(weight.shape)
+    w = weight.double()
+    return w * torch.exp(s * delta) if entry.mode == "exp" else w + s * w * delta
+
+
+@pytest.mark.parametrize("mode", ["exp", "taylor"])
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_patch_math_against_the_formula(mode, strength, dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    A, B = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(6, 2, 1, 1, generator=generator)
+    entry = ModuleEntry("unet", "conv", "lie", A * 0.3, B * 0.3, alpha=3.0, mode=mode)
+    expected = reference(weight.to(dtype), entry, strength)
+    given = weight.to(dtype)
+    got = LiePatch(entry).calculate_weight(given, "k", strength, 1.0, None, lambda d: d, dtype, None)
+    assert got is given and got.dtype == dtype  # in place, in the weight's own dtype
+    half_ulp = {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+    error = (got.double() - expected).abs()
+    assert (error <= expected.abs() * (half_ulp + 2**-22) + 1e-12).all()  # float32 work, one rounding to dtype
+
+
+def test_patch_applies_the_hosts_function_to_the_update_and_writes_slices_in_place():
+    entry = ModuleEntry("unet", "linear", "lie", torch.full((1, 3), 0.5), torch.full((4, 1), 0.5), 1.0, mode="exp")
+    weight = torch.ones(8, 3)
+    view = weight.narrow(0, 4, 4)  # ComfyUI patches a slice of a fused weight through `offset`
+    LiePatch(entry).calculate_weight(view, "k", 1.0, 1.0, (0, 4, 4), lambda d: 2 * d, torch.float32, None)
+    assert torch.equal(weight[:4], torch.ones(4, 3))
+    assert torch.allclose(weight[4:], torch.full((4, 3), 1 + 2 * math.expm1(0.25)))
+
+
+def test_strength_zero_is_the_identity_and_minus_one_undoes_exp():
+    generator = torch.Generator().manual_seed(1)
+    entry = ModuleEntry("unet", "linear", "lie", torch.randn(2, 5, generator=generator),
+                        torch.randn(7, 2, generator=generator), 2.0, mode="exp")
+    weight = torch.randn(7, 5, generator=generator)
+    patch = LiePatch(entry)
+    assert torch.equal(patch.calculate_weight(weight.clone(), "k", 0.0, 1.0, None, lambda d: d), weight)
+    there = patch.calculate_weight(weight.clone(), "k", 1.0, 1.0, None, lambda d: d)
+    back = patch.calculate_weight(there, "k", -1.0, 1.0, None, lambda d: d)
+    assert torch.allclose(back, weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("host", ["sd1"], indirect=True)
+def test_bad_files_name_the_file_and_the_module(host, tmp_path):
+    unknown = {k: v for k, v in host.key_map.items() if "down_blocks_0_resnets_0_conv1" not in k}
+    with pytest.raises(ValueError, match=r"lie\.unet\.down_blocks\.0\.resnets\.0\.conv1: the model has no layer") as e:
+        host_patches(host.file, unknown, host.weights, 1.0, UNET, stand_in_load_lora)
+    assert str(host.adapted.path) in str(e.value) and "SD 1.x/2.x UNet" in str(e.value)
+
+    key = model_key(next(e for e in host.file.modules if e.module == "down_blocks.0.resnets.0.conv1"))
+    narrow = {**host.weights, key: host.weights[key][:, :-1]}
+    with pytest.raises(ValueError, match=r"conv1: lora_A \(4, 32, 3, 3\), lora_B \(32, 4, 1, 1\) do not fit"):
+        host_patches(host.file, host.key_map, narrow, 1.0, UNET, stand_in_load_lora)
+
+    huge = _rewrite(host.adapted.path, tmp_path / "huge.safetensors", edit_info=lambda i: i.update(alpha=1e30))
+    with pytest.raises(ValueError, match=r"huge.safetensors: lie\.unet\.[\w.]+: .* NaN/inf .*\(alpha 1e\+30"):
+        patches(host, UNET, file=huge)
+    with pytest.raises(ValueError, match=r"NaN/inf value\(s\) in torch.float32 at strength 1e\+30"):
+        patches(host, UNET, strength=1e30)
+
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(kohya))
+    with pytest.raises(ValueError, match="kohya.safetensors: not a lie-diffusion file"):
+        patches(host, UNET, file=kohya)
+
+
+def test_a_file_for_another_base_model_is_refused(tmp_path_factory):
+    sd1 = _adapted(tmp_path_factory.mktemp("hosts-other"), "sd1")
+    xl = _adapted(tmp_path_factory.mktemp("hosts-other-xl"), "sdxl")
+    pipe = xl.cls.from_pretrained(str(xl.base))
+    table = comfyui_table(pipe.unet, {"text_encoder": 2, "text_encoder_2": 2})
+    key_map = {stem: f"{c}:{m}.weight" for stem, (c, m) in table.items() if c == "unet"}
+    weights = {f"unet:{k}": v for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit this model \(the file was saved for an SD 1\.x/2\.x UNet"):
+        host_patches(sd1.path, key_map, weights, 1.0, UNET, stand_in_load_lora)
+
+
+def test_comfyui_node_module_imports_without_comfyui():
+    nodes = importlib.import_module("lie_diffusion.integrations.comfyui")
+    assert set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    assert nodes.NODE_CLASS_MAPPINGS["LieAdapterLoader"].RETURN_TYPES == ("MODEL", "CLIP")
+    assert nodes.NODE_CLASS_MAPPINGS["LieAdapterLoaderModelOnly"].RETURN_TYPES == ("MODEL",)
+
+
+def fake_host(root, host):
+    """A folder with the files that mark a checkout of `host`."""
+    for marker in HOSTS[host].markers:
+        (root / marker).parent.mkdir(parents=True, exist_ok=True)
+        (root / marker).write_text("")
+    return root
+
+
+@pytest.mark.parametrize("host_name", sorted(HOSTS))
+def test_install_links_once_and_refuses_other_folders(host_name, tmp_path, capsys):
+    spec = HOSTS[host_name]
+    root = fake_host(tmp_path / "host", host_name)
+    assert main(["install", host_name, str(root)]) == 0
+    target = root / spec.plugins / "lie-diffusion"
+    assert target.resolve() == Path(importlib.import_module(f"lie_diffusion.integrations.{spec.source}").__file__).parent
+    assert "Installed" in capsys.readouterr().out
+    assert main(["install", host_name, str(root)]) == 0 and "Already installed" in capsys.readouterr().out
+
+    copied = fake_host(tmp_path / "host-copy", host_name)
+    for _ in range(2):
+        assert main(["install", host_name, str(copied), "--copy"]) == 0
+    assert not (copied / spec.plugins / "lie-diffusion").is_symlink()
+    assert "Already installed" in capsys.readouterr().out
+
+    (copied / spec.plugins / "lie-diffusion" / "__init__.py").write_text("# someone else's code\n")
+    for argv, words in (
+        (["install", host_name, str(copied), "--copy"], [f"exists and is not this lie-diffusion's {spec.title}"]),
+        (["install", host_name, str(tmp_path)], [f"not a {spec.title} folder", spec.markers[0]]),
+    ):
+        assert main(argv) == 1
+        captured = capsys.readouterr()
+        assert not captured.out and all(word in captured.err for word in words), captured.err
+
+
+def test_forge_hooks_route_only_lie_diffusion_files(host, tmp_path, monkeypatch):
+    """install_hooks (run by Forge at start-up) against stand-ins for Forge's LoRA modules: the calculator is
+    registered, lie-diffusion files go to load_lie_for_models, every other file to Forge's own loader."""
+    forge = importlib.import_module("lie_diffusion.integrations.forge")
+    calls = []
+    networks = ModuleType("networks")
+    networks.load_lora_for_models = lambda *args, **kwargs: calls.append(("forge", kwargs["filename"])) or "forge"
+    backend_lora = ModuleType("backend.patcher.lora")
+    backend_lora.extra_weight_calculators = {}
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    monkeypatch.setitem(sys.modules, "backend.patcher.lora", backend_lora)
+    monkeypatch.setattr(forge, "load_lie_for_models", lambda *args: calls.append(("lie", args[2])) or "lie")
+    for _ in range(2):  # idempotent: a second start-up does not wrap the wrapper
+        forge.install_hooks()
+    assert backend_lora.extra_weight_calculators == {"lie": forge.calculate}
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(kohya))
+    for path in (host.adapted.path, kohya, tmp_path / "old.ckpt"):
+        networks.load_lora_for_models(None, None, {}, 1.0, 1.0, filename=str(path))
+    assert calls == [("lie", str(host.adapted.path)), ("forge", str(kohya)), ("forge", str(tmp_path / "old.ckpt"))]
+
+    weight = host.weights[model_key(host.file.section("lie")[0])].clone()
+    patch = forge.lie_patch(host.file.section("lie")[0])
+    assert patch[0] == "lie" and torch.allclose(
+        forge.calculate(weight.clone(), 0.5, patch[1]), reference(weight, patch[1].entry, 0.5).float())
