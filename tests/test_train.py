@@ -177,6 +177,8 @@ def test_adapter_flags_map_to_lie_config():
     base = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
     config = train.adapter_config(train.parse_args(base))
     assert config.conv_rank_alpha == (4, 4.0) and config.attn_rank_alpha == (4, 4.0) and config.mode == "exp"
+    assert config.balance == "rms"  # the default: one learning rate for the Lie convs and the LoRA attention
+    assert train.adapter_config(train.parse_args(base + ["--lie_balance", "none"])).balance == "none"
     args = train.parse_args(base + ["--rank", "8", "--alpha", "16", "--conv_rank", "2", "--lie_mode", "taylor",
                                     "--attn_adapter", "lie", "--conv_targets", r"resnets\.\d+\.conv1, conv2",
                                     "--attn_targets", "to_q", "--lora_dropout", "0.1"])
@@ -308,9 +310,14 @@ def test_accelerate_bf16_run_then_resume(tiny_pipeline_dir, toy_images, tmp_path
             return text, pipeline.unet(latents, 10, text).sample
 
     before = outputs()
-    load_lie_weights(pipeline, output)
+    parsed = load_lie_weights(pipeline, output)
     after = outputs()
     assert (before[0] - after[0]).abs().max() > 1e-6 and (before[1] - after[1]).abs().max() > 1e-6
+    # the default balancing rule: each Lie conv's alpha is rank / RMS of its kernel as it trained (bf16 here)
+    assert parsed.info["balance"] == "rms"
+    for entry in parsed.section("lie", "unet"):
+        kernel = pipeline.unet.get_submodule(entry.module).get_base_layer().weight.to(torch.bfloat16)
+        assert entry.alpha == pytest.approx(4 / kernel.double().pow(2).mean().sqrt().item(), rel=1e-9), entry.module
 
 
 def test_resume_matches_straight_run(tiny_pipeline_dir, messy_images, tmp_path):
