@@ -618,11 +618,14 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def summarize(results: dict) -> dict:
-    """Per method: mean ± std of each metric over subjects × seeds; paired differences against REFERENCE."""
-    runs = [r for r in results["runs"] if "stopped" not in r]  # NaN stops are counted in the report, not averaged
+    """Per method: mean ± std of each metric over subjects × seeds; paired differences against REFERENCE.
+    Runs stopped by a NaN loss are left out (the report lists them); a method with none finished has no entry."""
+    runs = [r for r in results["runs"] if "stopped" not in r]
     out = {}
     for name in results["methods"]:
         mine = {(r["subject"], r["seed"]): r for r in runs if r["method"] == name}
+        if not mine:
+            continue
         entry = {k: mean_std(r[k] for r in mine.values()) for k in (*METRICS, "train_s", "eval_s")}
         reference = {(r["subject"], r["seed"]): r for r in runs if r["method"] == REFERENCE}
         pairs = sorted(mine.keys() & reference.keys())
@@ -675,6 +678,11 @@ def render(results: dict, grid_path: str) -> str:
         edge = " (grid edge)" if lr.get("at_grid_edge") else ""
         rows.append([name, f"{b['trainable_params'][name]:,}", f"{lr['lr']:g}{edge}", *[fmt(entry[k]) for k in METRICS],
                      f"{entry['train_s'][0]:.0f}"])
+    for r in results["runs"]:
+        if "stopped" in r:
+            rows.append([r["method"], f"{b['trainable_params'][r['method']]:,}", f"{r['lr']:g}",
+                         f"stopped ({r['subject']}, seed {r['seed']}): {r['stopped'].split(';')[0]}",
+                         *[""] * len(METRICS)])
     paired_headers = ["vs " + REFERENCE, *[METRIC_TITLES[k] for k in METRICS]]
     paired = []
     for name, entry in s.items():

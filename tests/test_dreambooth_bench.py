@@ -160,3 +160,18 @@ def test_tradeoff_reads_metrics_at_equal_prior_and_pairs_each_subject_and_seed()
                        "prior_levels": [0.7, 0.95], "win_level": 0.7, "paired": paired, "records": runs})
     assert "| b | 2 of 3 | 50% | -0.125 |" in text and "| 0.95 | — | — |" in text
     assert "✗1" in text  # the NaN stop is shown where it happened
+
+
+def test_nan_stops_are_reported_not_averaged():
+    def record(method, seed, **extra):
+        return {"method": method, "subject": "dog face", "seed": seed, "lr": 1e-2, "train_s": 1.0, "eval_s": 0.0,
+                **extra}
+
+    metrics = {k: 0.5 for k in D.METRICS}
+    runs = [record("lie-default", 0, **metrics), record("lie-default", 1, stopped="loss is nan at step 9; stopping."),
+            record("lie-attn-lie", 0, stopped="loss is nan at step 207; stopping.")]
+    summary = D.summarize({"methods": {"lie-default": "", "lie-attn-lie": ""}, "runs": runs})
+    assert list(summary) == ["lie-default"]  # nothing finished for lie-attn-lie: no entry to average
+    assert summary["lie-default"]["subject_similarity"] == (0.5, 0.0)  # the stopped seed is left out
+    assert D.choose_lr([record("a", 0, lr=1e-3, subject_similarity=0.1, prior_similarity=0.1),
+                        {**record("a", 0, stopped="nan"), "lr": 1e-2}]) == 1e-3
