@@ -541,6 +541,7 @@ def _plan(
 ) -> dict[str, _ComponentPlan]:
     """Check every module of the file against the models (at strength `scale`); raise before anything is changed."""
     path, problems = parsed.path, []
+    balance = (parsed.info or {}).get("balance", "none")  # the file's label, the same for every component
     plans = {}
     for component in parsed.components:
         if component not in models:
@@ -589,7 +590,6 @@ def _plan(
                 f"{component}: the file mixes LoRA and Lie adapters on Linear layers, which one adapter cannot hold"
             )
         if entries:
-            balance = (parsed.info or {}).get("balance", "none")
             plans[component] = _component_plan(model, entries, lie_linear="lie" in linear_sections, balance=balance)
     if problems:
         diff = _fingerprint_diff(parsed, models.get("unet"))
