@@ -1,5 +1,6 @@
 """lie-diffusion: Lie-group adapters (LieRA) for diffusers' Stable Diffusion UNets and CLIP encoders."""
 
+from .combine import combine_lie_files
 from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_update, lie_weight
 from .inject import LieConfig, add_lie_adapters, merge_lie_weights
 from .io import load_lie_weights, read_lie_file, save_lie_weights
@@ -14,6 +15,7 @@ __all__ = [
     "LieLinear",
     "LieLoraConfig",
     "add_lie_adapters",
+    "combine_lie_files",
     "lie_conv2d",
     "lie_delta",
     "lie_linear",

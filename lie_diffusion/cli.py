@@ -1,6 +1,6 @@
-"""`lie-diffusion merge | inspect | export | extract | install`: bake an adapter into a pipeline, describe one,
-convert one to the kohya format other tools read, extract one from a fully fine-tuned model, or install the
-loader that applies the files exactly inside an SD host (ComfyUI, Forge).
+"""`lie-diffusion merge | inspect | combine | export | extract | install`: bake an adapter into a pipeline,
+describe one, stack several into one file, convert one to the kohya format other tools read, extract one from
+a fully fine-tuned model, or install the loader that applies the files exactly inside an SD host.
 
 Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts; a closed
 output pipe ends a command quietly with status 141, as it does other Unix tools.
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("file", help="adapter .safetensors file, or a folder holding one")
     inspect.set_defaults(func=inspect_command)
+    _add_combine_parser(commands)
     _add_export_parser(commands)
     _add_extract_parser(commands)
     _add_install_parser(commands)
@@ -199,6 +200,39 @@ def describe(adapter) -> str:
             "  " + "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- combine
+
+
+def _add_combine_parser(commands) -> None:
+    combine = commands.add_parser(
+        "combine",
+        help="stack adapter files into one file, equal to loading them together at given weights",
+        description="Write one adapter file equal to loading the inputs together at --weights (a subject plus a "
+        "style, two subjects): Lie parts sum in the algebra, W ⊙ exp(Σ wᵢsᵢΔᵢ), LoRA parts add, both exactly, "
+        "by stacking the factors (a module's rank is the sum of its inputs' ranks). Refuses inputs for different "
+        "base models, LoRA and Lie on one layer, and taylor-mode adapters on one layer (their product has no exact "
+        "single-adapter form).",
+    )
+    combine.add_argument("inputs", nargs="+", metavar="FILE", help="two or more adapter files (or folders holding one)")
+    combine.add_argument("--weights", type=float, nargs="+", metavar="W",
+                         help="one strength per input, as set_adapters(names, weights) would use (default: 1 each)")
+    combine.add_argument("--output", required=True,
+                         help="the .safetensors file to write (a folder: pytorch_lora_weights.safetensors in it)")
+    combine.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    combine.set_defaults(func=combine_command)
+
+
+def combine_command(args: argparse.Namespace) -> None:
+    from .combine import combine_lie_files
+
+    path, entries = combine_lie_files(args.inputs, args.weights, args.output, overwrite=args.overwrite)
+    weights = args.weights or [1.0] * len(args.inputs)
+    sources = ", ".join(f"{name} × {w:g}" for name, w in zip(args.inputs, weights))
+    print(f"Combined {sources}: {len(entries)} modules, {sum(e.num_parameters for e in entries):,} parameters, ranks "
+          f"{min(e.rank for e in entries)}–{max(e.rank for e in entries)}.")
+    print(f"Wrote {path} ({path.stat().st_size / 1024:.1f} KiB).")
 
 
 # ----------------------------------------------------------------------------------------------- export

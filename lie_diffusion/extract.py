@@ -22,20 +22,17 @@ the reference the Lie fit is compared against, at an equal parameter count (same
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .export import load_models, low_rank_factors, text_table, truncation_errors
 from .functional import MODES
 from .inject import CONV_TARGETS, LieConfig, find_targets
-from .io import COMPONENTS, LIE_PREFIX, METADATA_KEY, LORA_METADATA_KEY, WEIGHT_NAME, ModuleEntry
-from .io import _atomic_write, _lie_metadata, _lora_metadata, unet_fingerprint
+from .io import COMPONENTS, WEIGHT_NAME, ModuleEntry, unet_fingerprint, write_lie_file
 
 DEFAULT_STEPS = 200
 
@@ -261,23 +258,6 @@ def format_report(fits: list[LayerFit], total: dict, other: dict) -> str:
     return "\n".join(lines)
 
 
-def write_entries(path: Path, entries: list[ModuleEntry], unet: nn.Module | None, extra: dict) -> Path:
-    """One lie-diffusion file from entries, written atomically; `extra` goes into the metadata as JSON."""
-    tensors = {}
-    for entry in entries:
-        prefix = (LIE_PREFIX if entry.section == "lie" else "") + entry.ref
-        tensors[f"{prefix}.lora_A.weight"] = entry.A.contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = entry.B.contiguous()
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(_lie_metadata(entries, unet, "none"), sort_keys=True)}
-    lora_metadata = _lora_metadata(entries)
-    if lora_metadata:
-        metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)
-    metadata.update({key: json.dumps(value, sort_keys=True) for key, value in extra.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
-    return path
-
-
 def extract_file(base, tuned, output, rank=4, attn_rank=None, mode="exp", steps=DEFAULT_STEPS, overwrite=False,
                  log=lambda message: None):
     """Load both models, extract, and write `output/pytorch_lora_weights.safetensors`; nothing on failure."""
@@ -293,5 +273,5 @@ def extract_file(base, tuned, output, rank=4, attn_rank=None, mode="exp", steps=
     total = totals(fits)
     report = {"total": total, "not_captured": other, "steps": steps,
               "base_fingerprint": unet_fingerprint(base_models["unet"]), "modules": [asdict(f) for f in fits]}
-    write_entries(path, entries, base_models["unet"], {"lie_diffusion_extract": report})
+    write_lie_file(path, entries, report["base_fingerprint"], extra={"lie_diffusion_extract": report})
     return path, fits, total, other

@@ -142,21 +142,30 @@ def save_lie_weights(
         _check_finite(f"{entry.key_prefix}.lora_A.weight", entry.A, "model")
         _check_finite(f"{entry.key_prefix}.lora_B.weight", entry.B, "model")
 
+    directory = Path(save_directory)
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file; save_lie_weights expects a directory.")
+    unet = models.get("unet")
+    return write_lie_file(directory / weight_name, entries, unet_fingerprint(unet) if unet is not None else None,
+                          _balance_of(models.values(), adapter_name))
+
+
+def write_lie_file(path, entries: list[ModuleEntry], fingerprint: dict | None, balance: str = "none",
+                   extra: dict | None = None) -> Path:
+    """One adapter file from module entries, written atomically (a failure never leaves a broken file where a
+    good one was). `fingerprint`: the base UNet's (None: unknown); `extra`: more metadata, each value as JSON."""
     tensors = {}
     for entry in entries:
-        tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A
-        tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B
-    info = _lie_metadata(entries, models.get("unet"), _balance_of(models.values(), adapter_name))
+        tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A.contiguous()
+        tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B.contiguous()
+    info = _lie_metadata(entries, fingerprint, balance)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
     lora_metadata = _lora_metadata(entries)
     if lora_metadata:
         metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)
-
-    directory = Path(save_directory)
-    if directory.is_file():
-        raise ValueError(f"{directory} is a file; save_lie_weights expects a directory.")
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / weight_name
+    metadata.update({key: json.dumps(value, sort_keys=True) for key, value in (extra or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
     return path
 
@@ -202,7 +211,7 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _lie_metadata(entries: list[ModuleEntry], unet: nn.Module | None, balance: str) -> dict:
+def _lie_metadata(entries: list[ModuleEntry], fingerprint: dict | None, balance: str) -> dict:
     """Defaults are the most common values (of the Lie section when there is one); overrides list the rest.
 
     `balance` names the rule that chose the Lie alphas; it is a label: the alphas themselves are stored."""
@@ -234,7 +243,7 @@ def _lie_metadata(entries: list[ModuleEntry], unet: nn.Module | None, balance: s
         "balance": balance,
         "overrides": overrides,
         "targets": targets,
-        "fingerprint": {"unet": unet_fingerprint(unet)} if unet is not None else {},
+        "fingerprint": {"unet": fingerprint} if fingerprint is not None else {},
     }
 
 
