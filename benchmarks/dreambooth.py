@@ -401,11 +401,12 @@ class Bench:
         for k, image in enumerate(images):
             Image.fromarray(image).save(self.class_dir / f"{k:03d}.png")
 
-    def script_argv(self, subject: Subject, seed: int, lr: float, output_dir: Path, flags) -> list[str]:
+    def script_argv(self, subject: Subject, seed: int, lr: float, output_dir: Path, flags,
+                    prompt: str = INSTANCE_PROMPT) -> list[str]:
         a = self.args
         return [
             "--pretrained_model_name_or_path", str(self.pipeline_dir), "--instance_data_dir", str(subject.instance_dir),
-            "--instance_prompt", INSTANCE_PROMPT, "--resolution", "32", "--center_crop",
+            "--instance_prompt", prompt, "--resolution", "32", "--center_crop",
             "--with_prior_preservation", "--class_data_dir", str(self.class_dir), "--class_prompt", CLASS_PROMPT,
             "--num_class_images", str(a.class_images), "--prior_loss_weight", "1.0",
             "--train_batch_size", str(a.batch), "--max_train_steps", str(a.steps), "--learning_rate", f"{lr:g}",
@@ -414,11 +415,14 @@ class Bench:
             "--output_dir", str(output_dir), *flags,
         ]
 
-    def train(self, method: Method, subject: Subject, seed: int, lr: float):
+    def run_dir(self, method: Method, subject: Subject, seed: int, lr: float) -> Path:
+        return self.workdir / "runs" / f"{method.name}-{slug(subject.name)}-seed{seed}-lr{lr:g}"
+
+    def train(self, method: Method, subject: Subject, seed: int, lr: float, prompt: str = INSTANCE_PROMPT):
         """Fine-tune with the training script; returns a pipeline carrying the trained adapter, and its size."""
         script = training_script()
-        output_dir = self.workdir / "runs" / f"{method.name}-{slug(subject.name)}-seed{seed}-lr{lr:g}"
-        args = script.parse_args(self.script_argv(subject, seed, lr, output_dir, method.script_flags))
+        output_dir = self.run_dir(method, subject, seed, lr)
+        args = script.parse_args(self.script_argv(subject, seed, lr, output_dir, method.script_flags, prompt))
         if method.peer is None:
             script.main(args)
             pipeline = pretrained_emoji_pipeline(self.pipeline_dir)
