@@ -1,4 +1,4 @@
-"""Folders the SD hosts load (a ComfyUI custom node, a Forge extension) and their installer.
+"""Folders the SD hosts load (a ComfyUI custom node, Forge and A1111 extensions) and their installer.
 
 Each folder is thin glue around `lie_diffusion.hosts` and imports its host only when the host runs it.
 Installing links the folder into the host's plugin folder (or copies it), so the host runs the code of the
@@ -27,6 +27,8 @@ HOSTS = {
     "comfyui": Host("ComfyUI", ("comfy/lora.py", "nodes.py"), "custom_nodes", "comfyui"),
     "forge": Host("Forge", ("backend/patcher/lora.py", "extensions-builtin/sd_forge_lora/networks.py"), "extensions",
                   "forge"),
+    "a1111": Host("AUTOMATIC1111", ("extensions-builtin/Lora/networks.py", "modules/sd_models.py"), "extensions",
+                  "a1111"),
 }
 
 
