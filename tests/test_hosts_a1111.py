@@ -1,16 +1,18 @@
 """Opt-in: the A1111 extension against a real AUTOMATIC1111 checkout (LIE_A1111_DIR), for tiny SD1 and SDXL models.
 
-A1111's built-in Lora extension runs as it is: `networks` (module_types, load_networks, load_network's key
-matching, network_apply_weights), `network`, `network_lora`, `lyco_helpers`, and the `modules` it needs at run time
-that import without the web UI (`devices`, `errors`, `patches`, `models.sd3.mmdit`). The extension's
-`install_hooks` hooks into them. Stubbed, because they load the web UI, its checkpoints or its settings:
-`modules.shared` (opts, cmd_opts, sd_model), `modules.sd_models` (read_state_dict = safetensors' load_file),
-`modules.sd_hijack`, `modules.scripts`, `modules.cache`, `modules.hashes`, `modules.textual_inversion`, `gradio`.
-A1111's ldm/sgm model classes are not in its repository (it clones them at first launch), so the models are the
-tiny diffusers pipelines' own layers placed under A1111's module names: the UNet under its SGM names, the CLIP
-text encoders under `transformer.text_model`, and SDXL's second encoder as OpenCLIP blocks (one
-nn.MultiheadAttention per layer, holding q/k/v/out). A1111 runs with `devices.dtype` float32 (`--no-half`).
-network_apply_weights is called on every layer whose forward A1111 patches, as a forward pass would.
+A1111's built-in Lora extension runs as it is, from a prompt's `<lora:name:m>` to the patched weights:
+`extra_networks.parse_prompt`, `ExtraNetworkLora.activate`, `networks` (the Lora folder listing, module_types,
+load_networks, load_network's key matching, network_apply_weights and its restore), `network` (NetworkOnDisk,
+NetworkModule), `network_lora`, `lyco_helpers`, and the `modules` they need that import without the web UI
+(`devices`, `errors`, `patches`, `util`, `paths_internal`, `models.sd3.mmdit`). The extension's `install_hooks`
+hooks into them. Stubbed, because they load the web UI, checkpoints or settings: `modules.shared` (opts,
+cmd_opts, sd_model; walk_files is A1111's `util.walk_files`), `modules.sd_models` (read_state_dict =
+safetensors' load_file), `modules.sd_hijack`, `modules.scripts`, `modules.cache`, `modules.hashes`,
+`modules.textual_inversion`, `gradio`. A1111's ldm/sgm model classes are not in its repository (it clones them
+at first launch), so the models are the tiny diffusers pipelines' own layers placed under A1111's module names:
+the UNet under its SGM names, the CLIP text encoders under `transformer.text_model`, and SDXL's second encoder
+as OpenCLIP blocks (one nn.MultiheadAttention per layer for q/k/v/out). A1111 runs with `devices.dtype` float32
+(`--no-half`). network_apply_weights is called on every layer whose forward A1111 patches, as a forward would.
 """
 
 import os
@@ -32,6 +34,7 @@ from lie_diffusion.export import unet_name_to_sgm
 A1111 = os.environ.get("LIE_A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111, reason="set LIE_A1111_DIR to a stable-diffusion-webui checkout to run these")
 PATCHED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
+NonDynamicallyQuantizableLinear = torch.nn.modules.linear.NonDynamicallyQuantizableLinear  # an attention's out_proj
 
 
 def stub(name, **attributes):
@@ -53,8 +56,8 @@ def a1111(tmp_path_factory):
                            lora_add_hashes_to_infotext=False, extra_networks_default_multiplier=1.0)
     folder = tmp_path_factory.mktemp("a1111-loras")
     shared = stub("modules.shared", opts=opts, sd_model=None,
-                  cmd_opts=SimpleNamespace(lora_dir=str(folder), lyco_dir_backcompat=str(folder / "lyco"), use_ipex=False,
-                                           device_id=None))
+                  cmd_opts=SimpleNamespace(lora_dir=str(folder), lyco_dir_backcompat=str(folder / "lyco"),
+                                           use_ipex=False, device_id=None))
     stub("modules.sd_models", read_state_dict=lambda path, *args, **kwargs: load_file(path),
          read_metadata_from_safetensors=lambda path: safe_open(path, "pt").metadata() or {})
     hijack = stub("modules.sd_hijack", model_hijack=SimpleNamespace(comments=[], embedding_db=SimpleNamespace()))
@@ -199,7 +202,7 @@ def apply_everywhere(a1111, setup):
     under torch.no_grad()."""
     with torch.no_grad():
         for layer in setup.sd_model.network_layer_mapping.values():
-            if isinstance(layer, PATCHED_LAYERS) and type(layer) is not torch.nn.modules.linear.NonDynamicallyQuantizableLinear:
+            if isinstance(layer, PATCHED_LAYERS) and type(layer) is not NonDynamicallyQuantizableLinear:
                 a1111.networks.network_apply_weights(layer)
 
 
