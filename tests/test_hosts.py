@@ -199,6 +199,14 @@ def test_install_links_once_and_refuses_other_folders(host_name, tmp_path, capsy
         assert not captured.out and all(word in captured.err for word in words), captured.err
 
 
+def test_a_forge_folder_is_not_taken_for_a1111(tmp_path, capsys):
+    """Forge grew from A1111 and may keep its files: installing the A1111 extension there points at Forge's."""
+    root = fake_host(fake_host(tmp_path / "forge", "forge"), "a1111")
+    assert main(["install", "a1111", str(root)]) == 1
+    assert "a Forge folder" in capsys.readouterr().err and not (root / "extensions" / "lie-diffusion").exists()
+    assert main(["install", "forge", str(root)]) == 0
+
+
 def test_forge_hooks_route_only_lie_diffusion_files(host, tmp_path, monkeypatch):
     """install_hooks (run by Forge at start-up) against stand-ins for Forge's LoRA modules: the calculator is
     registered, lie-diffusion files go to load_lie_for_models, every other file to Forge's own loader."""
