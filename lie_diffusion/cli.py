@@ -1,6 +1,7 @@
 """`lie-diffusion merge | inspect | combine | export | extract | install`: bake an adapter into a pipeline,
 describe one, stack several into one file, convert one to the kohya format other tools read, extract one from
-a fully fine-tuned model, or install the loader that applies the files exactly inside an SD host.
+a fully fine-tuned model, or install the loader that applies the files exactly inside an SD host (ComfyUI,
+Forge, A1111).
 
 Errors go to stderr as one line and exit with status 1, so the commands compose in shell scripts; a closed
 output pipe ends a command quietly with status 141, as it does other Unix tools.
@@ -337,13 +338,12 @@ def _add_install_parser(commands) -> None:
     install = commands.add_parser(
         "install",
         help="install the native lie-diffusion loader into an SD host (" + ", ".join(HOSTS) + ")",
-        description="Link the lie-diffusion loader into a host's plugin folder (ComfyUI: custom_nodes/, Forge: "
-        "extensions/), so the "
-        "host applies lie-diffusion files exactly at every strength. Safe to run again. The host's Python needs "
-        "lie-diffusion installed (pip install lie-diffusion).",
+        description="Link the lie-diffusion loader into a host's plugin folder (ComfyUI: custom_nodes/, Forge and "
+        "A1111: extensions/), so the host applies lie-diffusion files exactly at every strength. Safe to run again. "
+        "The host's Python needs lie-diffusion installed (pip install lie-diffusion).",
     )
     install.add_argument("host", choices=sorted(HOSTS), help="the host to install into")
-    install.add_argument("path", help="the host's folder (the ComfyUI or Forge checkout)")
+    install.add_argument("path", help="the host's folder (the ComfyUI, Forge or stable-diffusion-webui checkout)")
     install.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     install.set_defaults(func=install_command)
 

@@ -119,11 +119,14 @@ def _inner(kind: str, rest: list[str], name: str, sequential: bool = False) -> s
     raise ValueError(f"UNet module {name!r}: unknown block part {kind!r}.")
 
 
-def kohya_name(component: str, module: str, unet_config) -> str:
-    """The kohya key stem of a module (`lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…`)."""
+def kohya_name(component: str, module: str, unet_config, sgm_unet: bool = False) -> str:
+    """The kohya key stem of a module (`lora_unet_…`, `lora_te_…`, `lora_te1_…`, `lora_te2_…`).
+
+    UNet modules get SGM names for SDXL, as kohya trains them, and diffusers names otherwise; `sgm_unet` asks for
+    SGM names for SD 1.x/2.x too (A1111 maps diffusers names as if every block had SD's two layers)."""
     family = "sdxl" if is_sdxl(unet_config) else "sd"
     if component == "unet":
-        name = unet_name_to_sgm(module, unet_config) if family == "sdxl" else module
+        name = unet_name_to_sgm(module, unet_config) if family == "sdxl" or sgm_unet else module
         return "lora_unet_" + name.replace(".", "_")
     prefix = _KOHYA_PREFIX[family].get(component)
     if prefix is None:

@@ -1,4 +1,4 @@
-"""The host-free core of the ComfyUI and Forge loaders: a lie-diffusion file → the patches a host applies.
+"""The host-free core of the ComfyUI, Forge and A1111 loaders: a lie-diffusion file → the patches a host applies.
 
 The hosts hold SD models in the LDM/SGM layout and find a LoRA's layers through kohya key names, so each
 module is named the way `export` names it (the UNet fingerprint in the file tells SD1/2 from SDXL). Lie
@@ -34,14 +34,18 @@ class LiePatch:
     def __init__(self, entry: ModuleEntry):
         self.entry = entry
 
+    def update(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """ΔW = W ⊙ expm1(t·sΔ) (exp) or t·s·W ⊙ Δ (taylor) at strength t, in float32: hosts that add patches
+        (W + ΔW) then get the exact Lie model at t."""
+        entry = self.entry
+        factor = LieFactor(entry.A.to(weight.device), entry.B.to(weight.device), strength * entry.scaling, entry.mode)
+        return lie_update(weight.float(), factor)
+
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weights=None):
-        """W ← W + function(ΔW) with ΔW = W ⊙ expm1(t·sΔ) (exp) or t·s·W ⊙ Δ (taylor) at strength t, summed in
-        float32 and rounded once to W's dtype (fp16/bf16 in ComfyUI's low-VRAM path). In place: ComfyUI keeps
-        the tensor it passed when the patch targets a slice."""
-        entry, base = self.entry, weight.float()
-        factor = LieFactor(entry.A.to(weight.device), entry.B.to(weight.device), strength * entry.scaling, entry.mode)
-        return weight.copy_(base + function(lie_update(base, factor)))
+        """W ← W + function(ΔW), summed in float32 and rounded once to W's dtype (fp16/bf16 in ComfyUI's low-VRAM
+        path). In place: ComfyUI keeps the tensor it passed when the patch targets a slice."""
+        return weight.copy_(weight.float() + function(self.update(weight, strength)))
 
 
 def is_lie_file(path) -> bool:
@@ -65,14 +69,16 @@ def as_lie_file(adapter) -> LieFile:
     return adapter
 
 
-def kohya_names(adapter: LieFile, components: Iterable[str]) -> tuple[dict[str, ModuleEntry], list[str]]:
-    """kohya key stem → module, for the file's modules of `components`; and the modules kohya cannot name."""
+def kohya_names(adapter: LieFile, components: Iterable[str], sgm_unet: bool = False
+                ) -> tuple[dict[str, ModuleEntry], list[str]]:
+    """kohya key stem → module, for the file's modules of `components`; and the modules kohya cannot name.
+    `sgm_unet`: SGM UNet names for every layout (see `export.kohya_name`)."""
     config = base_config(adapter)
     names, problems = {}, []
     for entry in adapter.modules:
         if entry.component in components:
             try:
-                names[kohya_name(entry.component, entry.module, config)] = entry
+                names[kohya_name(entry.component, entry.module, config, sgm_unet)] = entry
             except ValueError as error:
                 problems.append(str(error))
     return names, problems
@@ -96,6 +102,34 @@ def refuse(adapter: LieFile, problems: list[str]) -> None:
     raise ValueError(f"{adapter.path}: does not fit this model{hint}: {shown}.")
 
 
+def kohya_lora_tensors(name: str, entry: ModuleEntry) -> dict[str, torch.Tensor]:
+    """A LoRA-section module as the tensors of a kohya LoRA file, which every host's own LoRA loader reads."""
+    return {f"{name}.lora_down.weight": entry.A, f"{name}.lora_up.weight": entry.B,
+            f"{name}.alpha": torch.tensor(entry.alpha)}
+
+
+def check_fit(adapter: LieFile, names: Mapping[str, ModuleEntry], problems: list[str],
+              layer_of: Callable[[str], tuple[torch.Tensor, float] | None]) -> None:
+    """Raise one error naming the file for every module (and each of `problems`) that has no layer of its shape,
+    or at once for a module whose adapted weight would not be finite.
+
+    `layer_of`: kohya name → (the layer's unpatched weight, the strength it gets there), or None if there is none.
+    """
+    for name, entry in names.items():
+        layer = layer_of(name)
+        if layer is None:
+            problems.append(f"{entry.key_prefix}: the model has no layer {name}")
+            continue
+        weight, strength = layer
+        shape = (entry.B.shape[0], *entry.A.shape[1:])
+        if tuple(weight.shape) != shape:
+            problems.append(f"{entry.key_prefix}: lora_A {tuple(entry.A.shape)}, lora_B {tuple(entry.B.shape)} do not "
+                            f"fit {name} {tuple(weight.shape)}")
+            continue
+        check_adapted_finite(adapter.path, entry, weight, strength)
+    refuse(adapter, problems)
+
+
 def host_patches(
     adapter,
     key_map: Mapping[str, str],
@@ -114,25 +148,15 @@ def host_patches(
     """
     adapter = as_lie_file(adapter)
     names, problems = kohya_names(adapter, components)
+    check_fit(adapter, names, problems,
+              lambda name: (weights[key_map[name]], strength) if key_map.get(name) in weights else None)
     lora, to_load, lie = {}, {}, {}
     for name, entry in names.items():
-        key = key_map.get(name)
-        if key is None or key not in weights:
-            problems.append(f"{entry.key_prefix}: the model has no layer {name}")
-            continue
-        weight, shape = weights[key], (entry.B.shape[0], *entry.A.shape[1:])
-        if tuple(weight.shape) != shape:
-            problems.append(f"{entry.key_prefix}: lora_A {tuple(entry.A.shape)}, lora_B {tuple(entry.B.shape)} do not "
-                            f"fit {key} {tuple(weight.shape)}")
-            continue
-        check_adapted_finite(adapter.path, entry, weight, strength)
         if entry.section == "lie":
-            lie[key] = lie_patch(entry)
+            lie[key_map[name]] = lie_patch(entry)
         else:
-            lora.update({f"{name}.lora_down.weight": entry.A, f"{name}.lora_up.weight": entry.B,
-                         f"{name}.alpha": torch.tensor(entry.alpha)})
-            to_load[name] = key
-    refuse(adapter, problems)
+            lora.update(kohya_lora_tensors(name, entry))
+            to_load[name] = key_map[name]
     return {**(load_lora(lora, to_load) if lora else {}), **lie}
 
 

@@ -19,7 +19,7 @@ from test_io import _rewrite
 from lie_diffusion import read_lie_file
 from lie_diffusion.cli import main
 from lie_diffusion.integrations import HOSTS
-from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, host_patches
+from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, host_patches, kohya_names
 from lie_diffusion.io import ModuleEntry
 
 
@@ -199,6 +199,14 @@ def test_install_links_once_and_refuses_other_folders(host_name, tmp_path, capsy
         assert not captured.out and all(word in captured.err for word in words), captured.err
 
 
+def test_a_forge_folder_is_not_taken_for_a1111(tmp_path, capsys):
+    """Forge grew from A1111 and may keep its files: installing the A1111 extension there points at Forge's."""
+    root = fake_host(fake_host(tmp_path / "forge", "forge"), "a1111")
+    assert main(["install", "a1111", str(root)]) == 1
+    assert "a Forge folder" in capsys.readouterr().err and not (root / "extensions" / "lie-diffusion").exists()
+    assert main(["install", "forge", str(root)]) == 0
+
+
 def test_forge_hooks_route_only_lie_diffusion_files(host, tmp_path, monkeypatch):
     """install_hooks (run by Forge at start-up) against stand-ins for Forge's LoRA modules: the calculator is
     registered, lie-diffusion files go to load_lie_for_models, every other file to Forge's own loader."""
@@ -224,3 +232,125 @@ def test_forge_hooks_route_only_lie_diffusion_files(host, tmp_path, monkeypatch)
     patch = forge.lie_patch(host.file.section("lie")[0])
     assert patch[0] == "lie" and torch.allclose(
         forge.calculate(weight.clone(), 0.5, patch[1]), reference(weight, patch[1].entry, 0.5).float())
+
+
+def test_a1111_reads_a_file_by_kohya_names_with_sgm_unet_names(host):
+    """Each Lie module is one `<name>.lie_diffusion` entry (the extension's module type claims these only), each
+    LoRA module kohya LoRA tensors for A1111's own type; UNet layers by SGM name, which A1111 maps for any layout."""
+    a1111 = importlib.import_module("lie_diffusion.integrations.a1111")
+    state = a1111.a1111_state_dict(host.adapted.path)
+    names, _ = kohya_names(host.file, a1111.COMPONENTS, sgm_unet=True)
+    assert len(names) == len(host.file.modules)
+    for name, entry in names.items():
+        if entry.section == "lie":
+            read = state[f"{name}.lie_diffusion"]
+            assert read.ref == entry.ref and torch.equal(read.A, entry.A) and torch.equal(read.B, entry.B)
+        else:
+            assert torch.equal(state[f"{name}.lora_down.weight"], entry.A)
+            assert torch.equal(state[f"{name}.lora_up.weight"], entry.B)
+            assert state[f"{name}.alpha"].item() == entry.alpha
+    unet = [key for key in state if key.startswith("lora_unet_")]
+    assert unet and not any("down_blocks" in key or "up_blocks" in key for key in unet)
+    assert "lora_unet_input_blocks_1_0_in_layers_2.lie_diffusion" in state  # down_blocks.0.resnets.0.conv1
+
+
+@pytest.fixture
+def a1111_stand_ins(monkeypatch):
+    """Stand-ins for the A1111 modules the extension touches, with the behaviour it relies on: `network`'s base
+    classes and multiplier rule, `networks`' module types and loader, `modules.patches` / `sd_models` / `errors`."""
+    network = ModuleType("network")
+
+    class NetworkModule:
+        def __init__(self, net, weights):
+            self.network, self.network_key, self.sd_key, self.sd_module = net, weights.network_key, weights.sd_key, \
+                weights.sd_module
+
+        def multiplier(self):
+            return self.network.te_multiplier if "transformer" in self.sd_key[:20] else self.network.unet_multiplier
+
+    network.NetworkModule, network.ModuleType = NetworkModule, type("ModuleType", (), {})
+    networks = ModuleType("networks")
+    networks.module_types, networks.loaded_networks = ["lora type"], []
+    networks.load_networks = lambda names: networks.loaded_networks.extend(names)
+    originals = {}
+    patches = SimpleNamespace(
+        original=lambda key, obj, field: originals.get((key, id(obj), field)),
+        patch=lambda key, obj, field, new: originals.setdefault((key, id(obj), field), getattr(obj, field)) and
+        setattr(obj, field, new))
+    sd_models = SimpleNamespace(read_state_dict=lambda path, *args, **kwargs: ("A1111's reader", path))
+    errors = SimpleNamespace(reported=[], report=lambda message: errors.reported.append(message))
+    hijack = SimpleNamespace(model_hijack=SimpleNamespace(comments=[]))
+    modules = ModuleType("modules")
+    modules.patches, modules.sd_models, modules.errors, modules.sd_hijack = patches, sd_models, errors, hijack
+    for name, module in (("network", network), ("networks", networks), ("modules", modules)):
+        monkeypatch.setitem(sys.modules, name, module)
+    a1111 = importlib.import_module("lie_diffusion.integrations.a1111")
+    a1111.module_type.cache_clear()
+    yield SimpleNamespace(networks=networks, sd_models=sd_models, errors=errors, hijack=hijack, extension=a1111)
+    a1111.module_type.cache_clear()
+
+
+def a1111_network(host, path, multiplier, skip=None):
+    """A network as A1111's load_network would build it from `path`: one stand-in module per file module, on the
+    layer `host` holds for it."""
+    a1111 = importlib.import_module("lie_diffusion.integrations.a1111")
+    net = SimpleNamespace(network_on_disk=SimpleNamespace(filename=str(path)), modules={},
+                          te_multiplier=multiplier, unet_multiplier=multiplier)
+    names, _ = kohya_names(host.file, a1111.COMPONENTS, sgm_unet=True)
+    for name, entry in names.items():
+        if name != skip:
+            layer = SimpleNamespace(weight=host.weights[model_key(entry)])
+            net.modules[name] = SimpleNamespace(network_key=f"{name}.lora_down.weight", sd_key=name, sd_module=layer,
+                                                multiplier=lambda: multiplier)
+    return net
+
+
+def test_a1111_hooks_with_stand_ins(host, a1111_stand_ins, tmp_path):
+    """install_hooks (run by A1111 at start-up): the module type goes first, once; lie-diffusion files are read by
+    kohya names and every other file by A1111; a lie-diffusion network that does not fit is dropped, reported."""
+    hooks, networks = a1111_stand_ins.extension, a1111_stand_ins.networks
+    for _ in range(2):
+        hooks.install_hooks()
+    lie_type = hooks.module_type()
+    assert len(networks.module_types) == 2 and isinstance(networks.module_types[0], lie_type)
+    kohya = tmp_path / "kohya.safetensors"
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(kohya))
+    assert a1111_stand_ins.sd_models.read_state_dict(kohya) == ("A1111's reader", kohya)
+    state = a1111_stand_ins.sd_models.read_state_dict(host.adapted.path)
+    assert state.keys() == hooks.a1111_state_dict(host.adapted.path).keys()
+
+    entry = host.file.section("lie")[0]
+    weights = SimpleNamespace(w={"lie_diffusion": entry}, network_key="k.lie_diffusion", sd_key="diffusion_model_k",
+                              sd_module=None)
+    net = SimpleNamespace(te_multiplier=1.0, unet_multiplier=0.5)
+    module = networks.module_types[0].create_module(net, weights)
+    assert networks.module_types[0].create_module(net, SimpleNamespace(w={"lora_down.weight": entry.A})) is None
+    weight = host.weights[model_key(entry)]
+    update, bias = module.calc_updown(weight)
+    assert bias is None and update.dtype == torch.float32
+    assert torch.allclose(weight + update, reference(weight, entry, 0.5).float(), rtol=1e-5, atol=1e-7)
+
+    huge = _rewrite(host.adapted.path, tmp_path / "huge.safetensors", edit_info=lambda i: i.update(alpha=1e30))
+    good, bad = a1111_network(host, host.adapted.path, 0.5), a1111_network(host, huge, 1.0)
+    other = SimpleNamespace(network_on_disk=SimpleNamespace(filename=str(kohya)), modules={})
+    networks.load_networks([good, bad, other])
+    assert networks.loaded_networks == [good, other]
+    assert len(a1111_stand_ins.errors.reported) == 1 and "huge.safetensors" in a1111_stand_ins.errors.reported[0]
+    assert a1111_stand_ins.hijack.model_hijack.comments == a1111_stand_ins.errors.reported  # console and image info
+
+
+def test_a1111_check_names_missing_layers_and_reads_unpatched_weights(host):
+    a1111 = importlib.import_module("lie_diffusion.integrations.a1111")
+    stem = "lora_unet_input_blocks_1_0_in_layers_2"
+    with pytest.raises(ValueError, match=rf"{host.adapted.path}: does not fit .*conv1: the model has no layer {stem}"):
+        a1111.check_network(a1111_network(host, host.adapted.path, 1.0, skip=stem))
+
+    attention = torch.nn.MultiheadAttention(4, 1)
+    q, k, v = attention.in_proj_weight.chunk(3)
+    for part, expected in zip("qkv", (q, k, v)):
+        assert torch.equal(a1111.unpatched_weight(SimpleNamespace(sd_module=attention, sd_key=f"x_attn_{part}_proj")),
+                           expected)
+    attention.network_weights_backup = (torch.zeros(12, 4), torch.zeros(4, 4))  # A1111 patched it: the backup counts
+    assert not a1111.unpatched_weight(SimpleNamespace(sd_module=attention, sd_key="x_attn_v_proj")).any()
+    linear = torch.nn.Linear(2, 2)
+    assert a1111.unpatched_weight(SimpleNamespace(sd_module=linear, sd_key="x")) is linear.weight

@@ -1,4 +1,4 @@
-"""Folders the SD hosts load (a ComfyUI custom node, a Forge extension) and their installer.
+"""Folders the SD hosts load (a ComfyUI custom node, Forge and A1111 extensions) and their installer.
 
 Each folder is thin glue around `lie_diffusion.hosts` and imports its host only when the host runs it.
 Installing links the folder into the host's plugin folder (or copies it), so the host runs the code of the
@@ -21,12 +21,15 @@ class Host:
     markers: tuple[str, ...]  # files that make a folder this host's checkout
     plugins: str  # the folder the host loads plugins from
     source: str  # our folder for it, beside this file
+    foreign: tuple[tuple[str, str], ...] = ()  # (file, host) pairs: a folder with that file is the other host's
 
 
 HOSTS = {
     "comfyui": Host("ComfyUI", ("comfy/lora.py", "nodes.py"), "custom_nodes", "comfyui"),
     "forge": Host("Forge", ("backend/patcher/lora.py", "extensions-builtin/sd_forge_lora/networks.py"), "extensions",
                   "forge"),
+    "a1111": Host("AUTOMATIC1111", ("extensions-builtin/Lora/networks.py", "modules/sd_models.py"), "extensions",
+                  "a1111", foreign=(("backend/patcher/lora.py", "forge"),)),  # Forge grew from A1111
 }
 
 
@@ -38,6 +41,10 @@ def install(host: str, root, copy: bool = False) -> tuple[Path, bool]:
     missing = [marker for marker in spec.markers if not (root / marker).is_file()]
     if missing:
         raise ValueError(f"{root}: not a {spec.title} folder (no {', '.join(missing)}).")
+    for marker, other in spec.foreign:
+        if (root / marker).is_file():
+            raise ValueError(f"{root}: a {HOSTS[other].title} folder (it has {marker}); use `lie-diffusion install "
+                             f"{other}`.")
     source = Path(__file__).resolve().parent / spec.source
     target = root / spec.plugins / INSTALL_NAME
     if target.is_symlink() or target.exists():
