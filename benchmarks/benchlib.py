@@ -7,10 +7,13 @@ same process with interleaved repetitions after a warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
+import functools
 import gc
 import json
+import logging
 import platform
 import re
 import statistics
@@ -443,3 +446,33 @@ def publish(name: str, data: dict, markdown: str, out_dir=RESULTS_DIR, readme="n
 
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+# ------------------------------------------------------------------------------------- runs in worker processes
+
+_RUNNER = None
+
+
+def _start_runner(make: Callable, make_args: tuple, threads: int) -> None:
+    global _RUNNER
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    _RUNNER = make(*make_args, prepare=False)
+
+
+def _run_task(task: tuple):
+    return _RUNNER.run(*task)
+
+
+def task_map(stack: contextlib.ExitStack, jobs: int, threads: int, local, make: Callable, make_args: tuple):
+    """A map over tasks: `local.run(*task)` in this process, or with `jobs` > 1 the same on `jobs` spawned
+    worker processes, each with its own runner `make(*make_args, prepare=False)` and `threads` torch threads.
+    The pool lives as long as `stack`."""
+    if jobs <= 1:
+        return functools.partial(map, lambda task: local.run(*task))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=_start_runner, initargs=(make, make_args, threads)))
+    return functools.partial(pool.map, _run_task)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import shlex
@@ -172,20 +171,6 @@ class Stacking:
                 "train_s": trained - start, "eval_s": time.perf_counter() - trained}
 
 
-_WORKER: Stacking | None = None
-
-
-def _start_worker(args, workdir: Path) -> None:
-    global _WORKER
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    _WORKER = Stacking(args, workdir, prepare=False)
-
-
-def _run_in_worker(task: tuple) -> dict:
-    return _WORKER.run(*task)
-
-
 def finished(workdir: Path, setup: str) -> dict[tuple, dict]:
     path = workdir / "stacking.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -205,15 +190,8 @@ def run(args, workdir: Path, log=print) -> dict:
     fresh = [t for t in tasks if t not in done]
     log(f"{len(tasks) - len(fresh)} of {len(tasks)} tasks found in {workdir / 'stacking.jsonl'}; lrs {lrs}")
     with contextlib.ExitStack() as stack:
-        if args.jobs > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                           initializer=_start_worker, initargs=(args, workdir)))
-            results = pool.map(_run_in_worker, fresh)
-        else:
-            results = map(lambda task: stacking.run(*task), fresh)
+        run_fresh = B.task_map(stack, args.jobs, args.threads, stacking, Stacking, (args, workdir))
+        results = run_fresh(fresh)
         for task, record in zip(fresh, results):
             with open(workdir / "stacking.jsonl", "a") as handle:
                 handle.write(json.dumps({**record, "setup": setup}) + "\n")
