@@ -501,6 +501,16 @@ def setup_key(args, methods: dict[str, Method], pipeline_dir: Path, classifier_f
     return json.dumps(setup, sort_keys=True)
 
 
+def same_setup(saved: str | None, setup: str, method: str) -> bool:
+    """Whether a run of `method` recorded under the setup `saved` counts for `setup`: the same flags and files,
+    and the same definition of that method (which other methods ran beside it does not matter)."""
+    if saved is None:
+        return False
+    saved_, setup_ = json.loads(saved), json.loads(setup)
+    return ({k: v for k, v in saved_.items() if k != "methods"} == {k: v for k, v in setup_.items() if k != "methods"}
+            and method in setup_["methods"] and saved_["methods"].get(method) == setup_["methods"][method])
+
+
 def keep_run(workdir: Path, setup: str, record: dict, sample: np.ndarray) -> tuple[dict, np.ndarray]:
     """Each finished run goes to <workdir>/runs.jsonl (and its first sample to samples/) as it comes, so an
     interrupted or split benchmark keeps it: running again with the same --workdir and flags reuses it."""
@@ -522,7 +532,7 @@ def finished_runs(workdir: Path, setup: str) -> dict[tuple, tuple[dict, np.ndarr
     path = workdir / "runs.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         record = json.loads(line)
-        if record.pop("setup", None) != setup:
+        if not same_setup(record.pop("setup", None), setup, record["method"]):
             continue
         with Image.open(workdir / "samples" / record.pop("sample")) as image:
             sample = np.asarray(image.convert("RGB"))

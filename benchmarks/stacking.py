@@ -174,7 +174,7 @@ class Stacking:
 def finished(workdir: Path, setup: str) -> dict[tuple, dict]:
     path = workdir / "stacking.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return {(r["method"], r["seed"], r["lr"]): r for r in records if r.pop("setup") == setup}
+    return {(r["method"], r["seed"], r["lr"]): r for r in records if D.same_setup(r.pop("setup"), setup, r["method"])}
 
 
 def run(args, workdir: Path, log=print) -> dict:

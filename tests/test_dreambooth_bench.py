@@ -111,6 +111,9 @@ def test_a_second_invocation_reuses_finished_runs_of_the_same_setup(smallest, mo
     monkeypatch.setattr(D.Bench, "run", must_not_train)
     again = D.main([*SMALLEST, "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
     assert again["runs"] == results["runs"]
+    # a run counts for any invocation with the same method, whatever ran beside it
+    alone = D.main([*SMALLEST, "--methods", "lora-attn", "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
+    assert alone["runs"] == [r for r in results["runs"] if r["method"] == "lora-attn"]
     # another setup (here: more steps) never takes those records
     with pytest.raises(AssertionError, match="trained again"):
         D.main([*SMALLEST[:5], "2", *SMALLEST[6:], "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
