@@ -472,20 +472,6 @@ def choose_lr(records: list[dict]) -> float:
     return max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
-_WORKER: Bench | None = None
-
-
-def _start_worker(args, workdir: Path) -> None:
-    global _WORKER
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    _WORKER = Bench(args, workdir, prepare=False)
-
-
-def _run_in_worker(task: tuple) -> tuple[dict, dict]:
-    return _WORKER.run(*task)
-
-
 # Flags that change a run's result; a finished run is reused only under the same values (see `finished_runs`).
 RESULT_FLAGS = ("steps", "rank", "batch", "class_images", "subject_images", "prior_prompts", "sample_steps",
                 "guidance", "pipeline", "classifier")
@@ -560,15 +546,8 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         log(f"{len(done)} finished runs of this setup found in {workdir / 'runs.jsonl'}: reused, not run again")
 
     with contextlib.ExitStack() as stack:
-        if args.jobs > 1:  # independent runs in worker processes, one thread each by default
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                           initializer=_start_worker, initargs=(args, workdir)))
-            run_fresh = functools.partial(pool.map, _run_in_worker)
-        else:
-            run_fresh = functools.partial(map, lambda task: bench.run(*task))
+        # independent runs, in worker processes with --jobs (one thread each by default)
+        run_fresh = B.task_map(stack, args.jobs, args.threads, bench, Bench, (args, workdir))
 
         def run_all(tasks):
             """(record, first "a sks emoji" sample) per task, in order; finished runs come from `done`."""
