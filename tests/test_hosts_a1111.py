@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_export import _adapted
-from test_hosts_comfyui import assert_same, diffusers_weights, merged_with_lora
+from test_hosts_comfyui import assert_same, diffusers_weights, merged_with_lora, second_subject, together_weights
 from test_io import _rewrite
 
 from lie_diffusion.export import unet_name_to_sgm
@@ -240,6 +240,15 @@ def test_composes_with_a_plain_kohya_lora(a1111, setup, order, tmp_path):
     loras = [f"<lora:{plain}:0.7>", f"<lora:{lie}:0.5>"]
     got = applied(a1111, setup, " ".join(loras if order == "lora first" else loras[::-1]))
     assert_same(got, merged_with_lora(setup.adapted, 0.5, update, order))
+
+
+@pytest.mark.parametrize("strengths", [(1.0, 0.7), (0.5, -1.0)])
+def test_two_stacked_files_equal_both_adapters_active_in_diffusers(a1111, setup, strengths, tmp_path):
+    """Two `<lora:…>` tags: A1111 applies each network's update to the weight the previous ones left."""
+    paths = [setup.adapted.path, second_subject(setup.adapted, tmp_path / "second.safetensors")]
+    names = [register(a1111, path, f"stack{k}-{setup.kind}") for k, path in enumerate(paths)]
+    got = applied(a1111, setup, " ".join(f"<lora:{n}:{s}>" for n, s in zip(names, strengths)))
+    assert_same(got, together_weights(setup.adapted, paths, strengths))
 
 
 def test_bad_files_are_refused_naming_them_and_patch_nothing(a1111, setup, tmp_path_factory):

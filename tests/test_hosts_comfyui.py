@@ -173,8 +173,37 @@ def diffusers_weights(adapted, *scales, before=None):
     for scale in scales:
         load_lie_weights(pipe, adapted.path, scale=scale)
         merge_lie_weights(pipe)
+    return pipeline_weights(pipe)
+
+
+def together_weights(adapted, paths, scales):
+    """The diffusers way of stacking: each file loaded as a named adapter, all active at `scales`
+    (set_adapters), then merged."""
+    pipe = adapted.cls.from_pretrained(str(adapted.base))
+    names = [f"stacked{k}" for k in range(len(paths))]
+    for path, name in zip(paths, names):
+        load_lie_weights(pipe, path, adapter_name=name)
+    pipe.set_adapters(names, list(scales))
+    merge_lie_weights(pipe)
+    return pipeline_weights(pipe)
+
+
+def pipeline_weights(pipe):
+    """(component, key) -> weight of every model component of a diffusers pipeline."""
     return {(c, k): v.detach().clone() for c in ("unet", "text_encoder", "text_encoder_2")
             if getattr(pipe, c, None) is not None for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def second_subject(adapted, target):
+    """Another adapter for the same base, as a second subject's would be: the same layers and modes (taylor
+    included), every factor perturbed."""
+    generator = torch.Generator().manual_seed(11)
+
+    def perturb(tensors):
+        for key, value in tensors.items():
+            tensors[key] = value + 0.05 * torch.randn(value.shape, generator=generator)
+
+    return _rewrite(adapted.path, target, edit_tensors=perturb)
 
 
 def merged_with_lora(adapted, strength, lora_updates, order):
@@ -250,6 +279,19 @@ def test_composes_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):
         model, clip = step(model, clip)
     lora_updates = {k: strength * v for k, v in setup.lora.updates.items()}
     assert_same(patched_weights(setup, model, clip), merged_with_lora(setup.adapted, 0.5, lora_updates, order))
+
+
+@pytest.mark.parametrize("strengths", [(1.0, 0.7), (0.5, -1.0)])
+def test_two_chained_nodes_equal_both_adapters_active_in_diffusers(comfy, setup, strengths):
+    """Stacking in ComfyUI is a chain of loader nodes, each patching the weight the previous one left:
+    W ⊙ exp(s₁Δ₁) ⊙ exp(s₂Δ₂) = W ⊙ exp(s₁Δ₁ + s₂Δ₂), what diffusers gives with both adapters active (taylor
+    layers multiply in both)."""
+    second = second_subject(setup.adapted, comfy.loras / f"second-{setup.kind}.safetensors")
+    loader, model, clip = node(comfy, "LieAdapterLoader"), setup.model, setup.clip
+    for name, strength in zip((setup.file, second.name), strengths):
+        model, clip = loader.load(model, clip, name, strength, strength)
+    assert_same(patched_weights(setup, model, clip),
+                together_weights(setup.adapted, [setup.adapted.path, second], strengths))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

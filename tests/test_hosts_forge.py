@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_export import _adapted
-from test_hosts_comfyui import assert_same, diffusers_weights, host_weights, ldm_unet_config, merged_with_lora
+from test_hosts_comfyui import (assert_same, diffusers_weights, host_weights, ldm_unet_config, merged_with_lora,
+                                second_subject, together_weights)
 
 FORGE = os.environ.get("LIE_FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE, reason="set LIE_FORGE_DIR to a Forge checkout to run these")
@@ -118,6 +119,16 @@ def test_composes_with_a_plain_lora_loaded_by_forge(forge, setup, order):
     for step in (plain, lie) if order == "lora first" else (lie, plain):
         model, clip = step(model, clip)
     assert_same(applied(setup, model, clip), merged_with_lora(setup.adapted, 0.5, update, order))
+
+
+@pytest.mark.parametrize("strengths", [(1.0, 0.7), (0.5, -1.0)])
+def test_two_stacked_files_equal_both_adapters_active_in_diffusers(forge, setup, strengths, tmp_path):
+    """Two `<lora:…>` tags: Forge patches the weight with each file in turn."""
+    paths = [setup.adapted.path, second_subject(setup.adapted, tmp_path / "second.safetensors")]
+    model, clip = setup.model, setup.clip
+    for path, strength in zip(paths, strengths):
+        model, clip = forge.extension.load_lie_for_models(model, clip, path, strength, strength)
+    assert_same(applied(setup, model, clip), together_weights(setup.adapted, paths, strengths))
 
 
 def test_bad_file_raises_naming_it_and_patches_nothing(forge, setup, tmp_path):
