@@ -305,7 +305,7 @@ def a1111_network(host, path, multiplier, skip=None):
     return net
 
 
-def test_a1111_hooks_with_stand_ins(host, a1111_stand_ins, tmp_path):
+def test_a1111_hooks_with_stand_ins(host, a1111_stand_ins, tmp_path, monkeypatch):
     """install_hooks (run by A1111 at start-up): the module type goes first, once; lie-diffusion files are read by
     kohya names and every other file by A1111; a lie-diffusion network that does not fit is dropped, reported."""
     hooks, networks = a1111_stand_ins.extension, a1111_stand_ins.networks
@@ -337,6 +337,19 @@ def test_a1111_hooks_with_stand_ins(host, a1111_stand_ins, tmp_path):
     assert networks.loaded_networks == [good, other]
     assert len(a1111_stand_ins.errors.reported) == 1 and "huge.safetensors" in a1111_stand_ins.errors.reported[0]
     assert a1111_stand_ins.hijack.model_hijack.comments == a1111_stand_ins.errors.reported  # console and image info
+
+    # A1111 checks a prompt's networks at every generation; the file is read once per network object
+    reads = []
+    monkeypatch.setattr(hooks, "as_lie_file", lambda path: reads.append(path) or read_lie_file(path))
+    fresh = a1111_network(host, host.adapted.path, 0.5)
+    for multiplier in (0.5, 1e30):
+        fresh.unet_multiplier = fresh.te_multiplier = multiplier
+        for module in fresh.modules.values():
+            module.multiplier = lambda: multiplier
+        networks.loaded_networks[:] = []
+        networks.load_networks([fresh])
+    assert reads == [str(host.adapted.path)]
+    assert networks.loaded_networks == [] and "NaN/inf" in a1111_stand_ins.errors.reported[-1]  # still checked
 
 
 def test_a1111_check_names_missing_layers_and_reads_unpatched_weights(host):

@@ -77,10 +77,10 @@ def unpatched_weight(module) -> torch.Tensor:
 def check_network(net) -> None:
     """Raise one error naming the file if a lie-diffusion network's modules did not all land on layers of their
     shape, or an adapted weight would not be finite at the network's multipliers; other networks pass."""
-    if not is_lie_file(net.network_on_disk.filename):
+    expected = expected_modules(net)
+    if expected is None:
         return
-    adapter = as_lie_file(net.network_on_disk.filename)
-    names, problems = kohya_names(adapter, COMPONENTS, sgm_unet=True)
+    adapter, names, problems = expected
     landed = {module.network_key.partition(".")[0]: module for module in net.modules.values()}
 
     def layer_of(name):
@@ -88,6 +88,17 @@ def check_network(net) -> None:
         return None if module is None else (unpatched_weight(module), module.multiplier())
 
     check_fit(adapter, names, problems, layer_of)
+
+
+def expected_modules(net) -> tuple | None:
+    """A lie-diffusion network's file and the kohya names its modules should land on, read once per network
+    object (A1111 builds a new one when the file changes, and checks every prompt); None for other networks."""
+    if not hasattr(net, "lie_diffusion_expected"):
+        path, net.lie_diffusion_expected = net.network_on_disk.filename, None
+        if is_lie_file(path):
+            adapter = as_lie_file(path)
+            net.lie_diffusion_expected = (adapter, *kohya_names(adapter, COMPONENTS, sgm_unet=True))
+    return net.lie_diffusion_expected
 
 
 def read_state_dict(checkpoint_file, *args, **kwargs):
