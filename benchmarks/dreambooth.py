@@ -357,8 +357,8 @@ class Judge:
 class Bench:
     """The shared setup: base pipeline, judge, subjects, class images, budget; `run` trains and scores one case.
 
-    `prepare` (the main process) writes the class images and training pictures and scores the base
-    model; worker processes (`--jobs`) build the same Bench over those files.
+    `prepare` (the main process) writes the class images and training pictures; worker processes (`--jobs`)
+    build the same Bench over those files.
     """
 
     def __init__(self, args, workdir: Path, log=print, prepare: bool = True):
@@ -384,12 +384,15 @@ class Bench:
             raise ValueError(f"subjects {seen} are not among the data set's held-out (never pretrained) emoji")
         self.subjects = {n: make_subject(self.renders, self.classifier, n, workdir / "subjects" / slug(n), prepare)
                          for n in names}
-        self.base_scores, self.base_images = {}, {}
         if prepare:
             self._class_images(base)
-            images = self.judge.sample(base)
-            for name, subject in self.subjects.items():
-                self.base_scores[name], self.base_images[name] = self.judge.score(base, subject, images)
+
+    def score_base(self) -> tuple[dict, dict]:
+        """The base model's scores and samples per subject: where every method starts."""
+        base = pretrained_emoji_pipeline(self.pipeline_dir)
+        images = self.judge.sample(base)
+        scored = {name: self.judge.score(base, subject, images) for name, subject in self.subjects.items()}
+        return {n: scores for n, (scores, _) in scored.items()}, {n: samples for n, (_, samples) in scored.items()}
 
     def _class_images(self, base) -> None:
         """`--class-images` samples of the class prompt from the base model, shared by every run."""
@@ -531,11 +534,12 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
     logging.basicConfig(level=logging.WARNING)  # first: the script's own basicConfig(INFO) is then a no-op
     started = time.perf_counter()
     bench = Bench(args, workdir, log)
+    base_scores, base_images = bench.score_base()
     b = bench.budget
     log(f"ranks: {b['rank']} (convs and attention), attention-only LoRA {b['attn_only_rank']}; trainable params "
         + ", ".join(f"{k} {v:,}" for k, v in b["trainable_params"].items()))
     (subjects, validation), seeds = subject_split(args), list(range(args.seeds))
-    base_prior = {k: statistics.mean(bench.base_scores[s][k] for s in subjects + validation)
+    base_prior = {k: statistics.mean(base_scores[s][k] for s in subjects + validation)
                   for k in ("prior_accuracy", "prior_similarity")}
     log(f"base model: prior accuracy {base_prior['prior_accuracy']:.3f}, similarity {base_prior['prior_similarity']:.3f} "
         f"on {len(bench.judge.prior_names)} pretrained emoji")
@@ -585,7 +589,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         "prior_names": bench.judge.prior_names, "pipeline": str(bench.pipeline_dir),
         "budget": {k: v for k, v in b.items() if k not in ("convs", "attns")},
         "methods": {m.name: m.about for m in bench.methods.values()},
-        "base": {**base_prior, "per_subject": {s: bench.base_scores[s] for s in subjects}},
+        "base": {**base_prior, "per_subject": {s: base_scores[s] for s in subjects}},
         "lr": chosen, "sweeps": sweeps, "runs": records,
         "seconds": round(time.perf_counter() - started), "env": B.environment(),
     }
@@ -596,7 +600,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
                          "default_runs": default_runs, "default_estimate_min": default_runs * per_run / 60}
     results["summary"] = summarize(results)
     pictures = {"held-out render": {s: bench.subjects[s].heldout_pixels[0] for s in subjects},
-                "base model": {s: bench.base_images[s]["subject"][0] for s in subjects}}
+                "base model": {s: base_images[s]["subject"][0] for s in subjects}}
     for name in names:
         pictures[name] = {s: samples[(name, s)] for s in subjects}
     return results, pictures

@@ -229,9 +229,8 @@ def combine_command(args: argparse.Namespace) -> None:
     from .combine import combine_lie_files
 
     path, entries = combine_lie_files(args.inputs, args.weights, args.output, overwrite=args.overwrite)
-    weights = args.weights or [1.0] * len(args.inputs)
-    sources = ", ".join(f"{name} × {w:g}" for name, w in zip(args.inputs, weights))
-    print(f"Combined {sources}: {len(entries)} modules, {sum(e.num_parameters for e in entries):,} parameters, ranks "
+    weights = f" at weights {' '.join(f'{w:g}' for w in args.weights)}" if args.weights else ""
+    print(f"Combined {', '.join(args.inputs)}{weights}: {len(entries)} modules, {sum(e.num_parameters for e in entries):,} parameters, ranks "
           f"{min(e.rank for e in entries)}–{max(e.rank for e in entries)}.")
     print(f"Wrote {path} ({path.stat().st_size / 1024:.1f} KiB).")
 

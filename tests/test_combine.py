@@ -168,13 +168,14 @@ def test_cli(inputs, tmp_path, capsys):
     output = tmp_path / "cli.safetensors"
     assert main(["combine", str(a), str(b), "--weights", "1", "0.7", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert f"{a} × 1, {b} × 0.7" in printed and f"Wrote {output}" in printed
+    assert f"Combined {a}, {b} at weights 1 0.7: " in printed and f"Wrote {output}" in printed
     assert load_file(output).keys() == load_file(combine_lie_files([a, b], [1, 0.7], tmp_path / "api.st")[0]).keys()
 
     assert main(["combine", str(a), str(b), "--output", str(output)]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "lie-diffusion combine: error:" in error and "--overwrite" in error
     assert main(["combine", str(a), str(b), "--output", str(output), "--overwrite"]) == 0
+    assert f"Combined {a}, {b}: " in capsys.readouterr().out  # default weights: 1 each, as set_adapters
 
 
 def test_plain_lora_file_combines_with_a_lie_file(inputs, tmp_path):
