@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_io import conv_lie_reference, make_adapter, outputs, randomize_adapters, tiny_pipeline
@@ -192,3 +195,34 @@ def test_plain_lora_file_combines_with_a_lie_file(inputs, tmp_path):
     load_lie_weights(combined, path)
     for x, y in zip(outputs(combined), outputs(loaded_together([a, plain], [1.0, 0.5]))):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_conv_lora_style_stacks_on_a_lie_subject_once_the_subject_is_merged(inputs, tmp_path):
+    """A LoCon-like style (LoRA on convs) with a Lie subject on the same convs: one layer holds one kind of
+    adapter, so diffusers' load_lora_weights refuses the style, naming the layer, and leaves the pipeline as it
+    was. Merged first, the subject's W ⊙ exp(sΔ) takes the style's + s·BA: what the hosts compute when the style
+    comes second."""
+    _, a, _ = inputs
+    source = tiny_pipeline()
+    source.unet.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=["conv1"]))
+    randomize_adapters(source.unet, 4)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "style", unet_lora_layers=get_peft_model_state_dict(source.unet),
+                                              unet_lora_adapter_metadata=source.unet.peft_config["default"].to_dict())
+    pipe = tiny_pipeline()
+    load_lie_weights(pipe, a, adapter_name="subject")
+    before = outputs(pipe)
+    with pytest.raises(ValueError, match=rf"{CONV}: this layer carries Lie adapters \['subject'\]"):
+        pipe.load_lora_weights(tmp_path / "style", adapter_name="style")
+    assert "style" not in sum(pipe.get_list_adapters().values(), [])
+    assert all(torch.equal(x, y) for x, y in zip(outputs(pipe), before))
+
+    merge_lie_weights(pipe)
+    pipe.load_lora_weights(tmp_path / "style", adapter_name="style")
+    pipe.fuse_lora()
+    subject = next(m for m in read_lie_file(a).modules if m.ref == f"unet.{CONV}")
+    style = source.unet.get_submodule(CONV)
+    W = tiny_pipeline().unet.get_submodule(CONV).weight.detach()
+    expected = (W * (subject.scaling * (subject.B.flatten(1) @ subject.A.flatten(1)).reshape(W.shape)).exp()
+                + 1.5 * (style.lora_B["default"].weight.flatten(1) @ style.lora_A["default"].weight.flatten(1)
+                         ).reshape(W.shape))
+    torch.testing.assert_close(pipe.unet.get_submodule(CONV).get_base_layer().weight, expected, rtol=1e-5, atol=1e-6)
