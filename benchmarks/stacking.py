@@ -2,7 +2,7 @@
 """Stacking subjects: do Lie adapters interfere less than LoRA when two are loaded at once?
 
     python benchmarks/stacking.py --jobs 2 --workdir W          # 4 subjects x 3 seeds x 3 methods, ~50 min on 2 cores
-    python benchmarks/stacking.py --seeds 1 --jobs 2 --workdir W   # one seed (~17 min); again with --seeds 3 adds two
+    python benchmarks/stacking.py --seeds 1 --jobs 2 --workdir W   # one seed (~20 min); again with --seeds 3 adds two
 
 Each subject is trained on its own, with its own token ("a sks emoji", "a zwx emoji", ...), by the DreamBooth
 benchmark's machinery (`benchmarks/dreambooth.py`): same script, steps, data, prior preservation and
