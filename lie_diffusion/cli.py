@@ -141,13 +141,15 @@ def _save_atomically(pipeline, output: Path) -> None:
 
 
 def inspect_command(args: argparse.Namespace) -> None:
+    from .combine import combined_sources
     from .io import read_lie_file
 
-    print(describe(read_lie_file(args.file)))
+    adapter = read_lie_file(args.file)
+    print(describe(adapter, combined_sources(adapter.path)))
 
 
-def describe(adapter) -> str:
-    """A human-readable report of a `LieFile`."""
+def describe(adapter, sources: list[dict] | None = None) -> str:
+    """A human-readable report of a `LieFile`; `sources`: the inputs `combine` made it from."""
     info = adapter.info
     lines = [f"File: {adapter.path} ({adapter.path.stat().st_size / 1024:.1f} KiB)"]
     if info is None:
@@ -167,6 +169,9 @@ def describe(adapter) -> str:
         if fingerprint:
             family = "SDXL" if fingerprint.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"
             lines.append(f"Base UNet ({family}): " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
+    if sources:
+        lines.append("Combined from: " + ", ".join(f"{s['file']} × {s['weight']:g}" for s in sources)
+                     + " (lie-diffusion combine; weights and scalings are folded into lora_B, alpha = rank)")
 
     lines += ["", "Sections:"]
     for section, title, prefix in (("lora", "LoRA", ""), ("lie", "Lie", "lie.")):

@@ -13,6 +13,7 @@ made for different base models do not share layers.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,15 @@ def combine_lie_files(inputs: Sequence, weights: Sequence[float] | None, output,
                for f, w in zip(files, weights)]
     write_lie_file(path, entries, fingerprint, "none", extra={METADATA_SOURCES_KEY: sources})
     return path, entries
+
+
+def combined_sources(path) -> list[dict] | None:
+    """The inputs and weights a `combine` output lists in its metadata; None for any other file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        sources = (file.metadata() or {}).get(METADATA_SOURCES_KEY)
+    return None if sources is None else json.loads(sources)
 
 
 def output_path(output) -> Path:

@@ -179,6 +179,9 @@ def test_cli(inputs, tmp_path, capsys):
     assert error.count("\n") == 1 and "lie-diffusion combine: error:" in error and "--overwrite" in error
     assert main(["combine", str(a), str(b), "--output", str(output), "--overwrite"]) == 0
     assert f"Combined {a}, {b}: " in capsys.readouterr().out  # default weights: 1 each, as set_adapters
+    assert main(["inspect", str(output)]) == 0
+    assert f"Combined from: a/{a.name} × 1, b/{b.name} × 1 (lie-diffusion combine" in capsys.readouterr().out
+    assert main(["inspect", str(a)]) == 0 and "Combined from" not in capsys.readouterr().out
 
 
 def test_plain_lora_file_combines_with_a_lie_file(inputs, tmp_path):
