@@ -145,7 +145,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     from .io import read_lie_file
 
     adapter = read_lie_file(args.file)
-    print(describe(adapter, combined_sources(adapter.path)))
+    print(describe(adapter, combined_sources(adapter)))
 
 
 def describe(adapter, sources: list[dict] | None = None) -> str:
@@ -235,7 +235,8 @@ def combine_command(args: argparse.Namespace) -> None:
 
     path, entries = combine_lie_files(args.inputs, args.weights, args.output, overwrite=args.overwrite)
     weights = f" at weights {' '.join(f'{w:g}' for w in args.weights)}" if args.weights else ""
-    print(f"Combined {', '.join(args.inputs)}{weights}: {len(entries)} modules, {sum(e.num_parameters for e in entries):,} parameters, ranks "
+    print(f"Combined {', '.join(args.inputs)}{weights}: {len(entries)} modules, "
+          f"{sum(e.num_parameters for e in entries):,} parameters, ranks "
           f"{min(e.rank for e in entries)}–{max(e.rank for e in entries)}.")
     print(f"Wrote {path} ({path.stat().st_size / 1024:.1f} KiB).")
 

@@ -50,12 +50,9 @@ def combine_lie_files(inputs: Sequence, weights: Sequence[float] | None, output,
     return path, entries
 
 
-def combined_sources(path) -> list[dict] | None:
+def combined_sources(adapter: LieFile) -> list[dict] | None:
     """The inputs and weights a `combine` output lists in its metadata; None for any other file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as file:
-        sources = (file.metadata() or {}).get(METADATA_SOURCES_KEY)
+    sources = adapter.header.get(METADATA_SOURCES_KEY)
     return None if sources is None else json.loads(sources)
 
 
