@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .export import is_sdxl, kohya_name
+from .naming import is_sdxl, kohya_name
 from .functional import LieFactor, lie_update
 from .io import METADATA_KEY, LieFile, ModuleEntry, check_adapted_finite, read_lie_file, resolve_weight_file
 
@@ -72,7 +72,7 @@ def as_lie_file(adapter) -> LieFile:
 def kohya_names(adapter: LieFile, components: Iterable[str], sgm_unet: bool = False
                 ) -> tuple[dict[str, ModuleEntry], list[str]]:
     """kohya key stem → module, for the file's modules of `components`; and the modules kohya cannot name.
-    `sgm_unet`: SGM UNet names for every layout (see `export.kohya_name`)."""
+    `sgm_unet`: SGM UNet names for every layout (see `naming.kohya_name`)."""
     config = base_config(adapter)
     names, problems = {}, []
     for entry in adapter.modules:

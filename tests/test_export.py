@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from lie_diffusion import LieConfig, add_lie_adapters, read_lie_file, save_lie_weights
 from lie_diffusion.cli import main
-from lie_diffusion.export import kohya_name, unet_name_to_sgm
+from lie_diffusion.naming import kohya_name, unet_name_to_sgm
 from lie_diffusion.inject import find_targets
 from lie_diffusion.tiny import UNET_CONFIGS, build_tiny_pipeline, tiny_text_encoder, tiny_vae, write_tiny_tokenizer
 

@@ -29,7 +29,7 @@ from test_export import _adapted
 from test_hosts_comfyui import assert_same, diffusers_weights, merged_with_lora, second_subject, together_weights
 from test_io import _rewrite
 
-from lie_diffusion.export import unet_name_to_sgm
+from lie_diffusion.naming import unet_name_to_sgm
 
 A1111 = os.environ.get("LIE_A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111, reason="set LIE_A1111_DIR to a stable-diffusion-webui checkout to run these")
