@@ -1,4 +1,4 @@
-"""The docs are tested: README.md and every docs/*.md page.
+"""The docs are tested: README.md, every docs/*.md page and benchmarks/README.md.
 
 - Every ```python block runs, in page order, in one namespace per page (a page reads like one session), in a
   folder that holds the tiny pipelines and adapter files the blocks name. Hub model names are swapped for
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 NOT_RUN = re.compile(r"^<!-- docs: not run \((.+)\) -->$")
 
 # Hub names the blocks may use -> which tiny pipeline stands in for them ("sd1", "sd2", "sdxl").
@@ -175,11 +175,12 @@ def _workdir(path: Path, materials) -> None:
         shutil.copytree(source, path / name)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+RUNNABLE = [p for p in PAGES if any(b.lang == "python" and not b.not_run for b in code_blocks(p))]
+
+
+@pytest.mark.parametrize("page", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE])
 def test_python_blocks_run(page, materials, hub_swapped, tmp_path, monkeypatch):
     blocks = [b for b in code_blocks(page) if b.lang == "python" and not b.not_run]
-    if not blocks:
-        pytest.skip("no python block to run")
     _workdir(tmp_path, materials)
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
@@ -358,20 +359,34 @@ def test_slugs_follow_github():
     assert slug("Speed switches: W' cache, torch.compile") == "speed-switches-w-cache-torchcompile"
 
 
-def test_links_and_anchors_resolve():
+def link_problems(page: Path) -> list[str]:
+    """Relative links and images of a page whose file or #anchor does not exist."""
     problems = []
-    for page in PAGES:
-        for link in re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose(page)):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", link):  # https:, mailto:
-                continue
-            path, _, anchor = link.partition("#")
-            where = f"{page.relative_to(ROOT)}: ({link})"
-            resolved = (page.parent / path).resolve() if path else page
-            if not resolved.exists():
-                problems.append(f"{where}: {path} does not exist")
-            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
-                problems.append(f"{where}: no heading #{anchor} in {resolved.relative_to(ROOT)}")
+    for link in re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", prose(page)):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", link):  # https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if not resolved.exists():
+            problems.append(f"{page.name}: ({link}): {path} does not exist")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            problems.append(f"{page.name}: ({link}): no heading #{anchor} in {resolved.name}")
+    return problems
+
+
+def test_links_and_anchors_resolve():
+    problems = [problem for page in PAGES for problem in link_problems(page)]
     assert not problems, "\n".join(problems)
+
+
+def test_link_check_catches_broken_links(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## A: `b` / c\n\n## A: `b` / c\n")
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n[ok](other.md#a-b--c-1) [ok](#title) [web](https://example.com/x#y) `[code](nowhere.md)`\n"
+                    "[gone](missing.md) [no anchor](other.md#nope) ![img](pic.png)\n\n```python\n[x](in-code.md)\n```\n")
+    assert link_problems(page) == ["page.md: (missing.md): missing.md does not exist",
+                                   "page.md: (other.md#nope): no heading #nope in other.md",
+                                   "page.md: (pic.png): pic.png does not exist"]
 
 
 def test_benchmark_sections_live_where_their_scripts_write():
@@ -383,6 +398,6 @@ def test_benchmark_sections_live_where_their_scripts_write():
         for marker in (f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"):
             assert text.count(marker) == 1, f"{page.relative_to(ROOT)} needs one {marker} (benchlib.PAGES)"
     for page in PAGES:
-        for section in re.findall(r"<!-- bench:([\w-]+):start -->", page.read_text()):
+        for section in re.findall(r"<!-- bench:([\w-]+):start -->", prose(page)):
             assert B.PAGES.get(section) == page, (
                 f"{page.relative_to(ROOT)} holds bench:{section}, which its script writes to {B.PAGES.get(section)}")
