@@ -128,14 +128,25 @@ def _locon_style(pipeline_dir: Path, out: Path) -> None:
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
 
 
+class TinyPipelines(dict):
+    """kind -> a saved tiny pipeline folder, built the first time a block asks for that kind."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, kind: str) -> Path:
+        from lie_diffusion.tiny import build_tiny_pipeline
+
+        self[kind] = build_tiny_pipeline(self.root / f"tiny-{kind}", kind=kind)
+        return self[kind]
+
+
 @pytest.fixture(scope="module")
 def materials(tmp_path_factory):
-    """Tiny pipelines (one per kind) and the adapter files the blocks name, built once."""
-    from lie_diffusion.tiny import build_tiny_pipeline
-
+    """The tiny pipelines (lazily, per kind) and the adapter files the blocks name (built once)."""
     root = tmp_path_factory.mktemp("docs-materials")
-    kinds = {*HUB_MODELS.values(), *LOCAL_PIPELINES.values()}
-    pipelines = {kind: build_tiny_pipeline(root / f"tiny-{kind}", kind=kind) for kind in sorted(kinds)}
+    pipelines = TinyPipelines(root)
     adapters = {}
     for seed, (name, kind) in enumerate(sorted(ADAPTERS.items())):
         _adapter(pipelines[kind], root / "adapters" / name, seed)
@@ -147,7 +158,8 @@ def materials(tmp_path_factory):
 
 @pytest.fixture
 def hub_swapped(monkeypatch, materials):
-    """from_pretrained of pipelines and models reads the tiny pipeline that stands in for a hub name."""
+    """from_pretrained of pipelines and models reads the tiny pipeline that stands in for a hub name; a hub name
+    without one fails here (nothing may download)."""
     from diffusers import DiffusionPipeline, ModelMixin
 
     pipelines, _ = materials
@@ -156,6 +168,9 @@ def hub_swapped(monkeypatch, materials):
         def from_pretrained(cls, name, *args, **kwargs):
             if isinstance(name, str) and name in HUB_MODELS:
                 name = str(pipelines[HUB_MODELS[name]])
+            elif isinstance(name, str) and not Path(name).exists():
+                raise AssertionError(f"a docs block loads {name!r}: add it to HUB_MODELS in tests/test_docs.py "
+                                     "(or to the files a page's folder holds), or mark the block not run")
             return original.__func__(cls, name, *args, **kwargs)
         return classmethod(from_pretrained)
 
@@ -190,6 +205,16 @@ def test_python_blocks_run(page, materials, hub_swapped, tmp_path, monkeypatch):
         except Exception as error:
             raise AssertionError(f"the python block at {block.where()} failed: {type(error).__name__}: {error}\n"
                                  f"{block.text}") from error
+
+
+def test_hub_names_are_swapped_and_unknown_ones_fail(hub_swapped, materials):
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet")
+    assert unet.config.block_out_channels == UNet2DConditionModel.from_pretrained(
+        materials[0]["sd1"], subfolder="unet").config.block_out_channels
+    with pytest.raises(AssertionError, match="HUB_MODELS"):
+        DiffusionPipeline.from_pretrained("someone/a-model-no-test-knows")
 
 
 # ------------------------------------------------------------------------------------ shell lines vs parsers
