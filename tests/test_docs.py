@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 NOT_RUN = re.compile(r"^<!-- docs: not run \((.+)\) -->$")
 
-# Hub names the blocks may use -> which tiny pipeline stands in for them ("sd1", "sd2", "sdxl").
+# Hub names the blocks may use -> which tiny pipeline stands in for them: a `kind` that
+# lie_diffusion.tiny.build_tiny_pipeline builds ("sd1", "sd2", "sdxl"). A new model family adds its names here.
 HUB_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1",
     "runwayml/stable-diffusion-v1-5": "sd1",
