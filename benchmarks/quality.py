@@ -210,7 +210,8 @@ def summary(results) -> list[str]:
                          f"sum of stds {spread:.5f}){within}.")
     if "lie-taylor" in m and "peft-hira" in m:
         lines.append("lie-taylor and peft-hira compute the same function (W + W ⊙ BA; alpha = rank), so equal losses are "
-                     "expected: they differ in cost (see the speed tables, docs/performance.md), not in what they learn.")
+                     "expected: they differ in cost (see the speed tables, docs/performance.md), not in what they "
+                     "learn.")
     edges = [k for k in m if m[k]["best_lr_at_grid_edge"]]
     if edges:
         lines.append(f"Best learning rate at the edge of its grid for: {', '.join(edges)} (a wider sweep might change these).")

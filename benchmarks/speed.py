@@ -1,6 +1,7 @@
 """What does it cost? Training step, inference and adapter-file times and peak memory, against peers.
 
-    python benchmarks/speed.py            # mid-size UNet on CPU; writes results/speed.{json,md,png}, docs/performance.md
+    python benchmarks/speed.py              # mid-size UNet on CPU: results/speed.{json,md,png}, docs/performance.md
+    python benchmarks/speed.py --plot-only  # redraw results/speed.png from results/speed.json
 
 Training: lie-diffusion exp / taylor, peft LoRA, peft HiRA, LyCORIS LoCon and the floor (frozen UNet
 with full weight gradients on the targeted convs, no optimizer), on the same conv layers at the same
@@ -434,7 +435,8 @@ def main(argv=None):
     parser.add_argument("--file-reps", type=int, default=3)
     parser.add_argument("--out", default=str(B.RESULTS_DIR), help="folder for speed.json / speed.md")
     B.add_page_argument(parser, "speed")
-    parser.add_argument("--plot-only", action="store_true", help="redraw speed.png from --out's speed.json; run nothing")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw speed.png from --out's speed.json; run nothing")
     args = parser.parse_args(argv)
     if args.plot_only:
         return plot(json.loads((Path(args.out) / "speed.json").read_text()), Path(args.out) / "speed.png")

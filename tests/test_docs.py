@@ -346,9 +346,9 @@ def test_the_checker_catches_a_wrong_flag_and_subcommand():
     assert check_command("x", "cli", ["merge", "--base", "b", "--weigths", "w"], parsers) == [
         "x: lie-diffusion merge has no flag --weigths"]
     assert "no such subcommand" in check_command("x", "cli", ["mrege"], parsers)[0]
-    assert check_command("x", "train_scripts/train_dreambooth_lie.py", ["--rank=4", "--lie_balance", "rms"], parsers) == []
-    assert check_command("x", "train_scripts/train_dreambooth_lie.py", ["--rnak=4"], parsers) == [
-        "x: train_scripts/train_dreambooth_lie.py has no flag --rnak"]
+    script = "train_scripts/train_dreambooth_lie.py"
+    assert check_command("x", script, ["--rank=4", "--lie_balance", "rms"], parsers) == []
+    assert check_command("x", script, ["--rnak=4"], parsers) == [f"x: {script} has no flag --rnak"]
     assert target(["ACCELERATE_USE_CPU=1", "torchrun", "--nproc_per_node=2", "train_scripts/x.py", "--seed", "0"]) == (
         "train_scripts/x.py", ["--seed", "0"])
     assert shell_commands("a --x 1 \\\n  --y 2 && lie-diffusion inspect f | head  # note") == [
