@@ -14,7 +14,7 @@ peft draws it, a random B step of 1e-3, which is what an Adam step of lr 1e-3 do
 
 Models: the tiny SD1 and SDXL test UNets and an SD1.5-shaped UNet (diffusers' random init, 860M
 weights), whose kernels are smaller than a trained model's (so its factors are an upper end), and the
-shipped pretrained emoji UNet (trained weights). Results: results/balance.{json,md} and the README.
+shipped pretrained emoji UNet (trained weights). Results: results/balance.{json,md} and docs/training.md.
 """
 
 from __future__ import annotations
@@ -112,12 +112,12 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--step", type=float, default=1e-3, help="size of the one B step (Adam's first step = lr)")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    B.add_page_argument(parser, "balance")
     args = parser.parse_args(argv)
     command = "python benchmarks/balance_report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     data = {"command": command.strip(), "rank": args.rank, "step": args.step,
             "models": [report(name, args.rank, args.step) for name in args.models]}
-    B.publish("balance", data, markdown(data), Path(args.out), args.readme)
+    B.publish("balance", data, markdown(data), Path(args.out), args.page)
     return data
 
 

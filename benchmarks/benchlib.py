@@ -14,6 +14,7 @@ import functools
 import gc
 import json
 import logging
+import os
 import platform
 import re
 import statistics
@@ -36,7 +37,18 @@ from lie_diffusion import LieConfig, add_lie_adapters  # noqa: E402
 from lie_diffusion.inject import find_targets  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# The docs page that shows each script's generated section (<!-- bench:<name>:start --> ... :end -->).
+PAGES = {
+    "speed": DOCS / "performance.md",
+    "quality": DOCS / "benchmarks.md",
+    "dreambooth": DOCS / "benchmarks.md",
+    "dreambooth_tradeoff": DOCS / "benchmarks.md",
+    "stacking": DOCS / "benchmarks.md",
+    "extract": DOCS / "hosts.md",
+    "balance": DOCS / "training.md",
+    "emoji": DOCS / "emoji-model.md",
+}
 
 # UNet2DConditionModel configs. "mid" is the issue's CPU size; "sd15" is Stable Diffusion 1.5's
 # UNet (the rest of its config is diffusers' default); "tiny" and "micro" are for smoke tests.
@@ -424,24 +436,49 @@ def write_results(name: str, data: dict, markdown: str, out_dir: Path = RESULTS_
     return json_path, md_path
 
 
-def update_readme(section: str, markdown: str, readme: Path = README) -> None:
+def add_page_argument(parser, section: str) -> None:
+    """--page: the docs page whose generated section the run rewrites (--readme, its older name, still works)."""
+    parser.add_argument("--page", "--readme", dest="page", default=str(PAGES[section]),
+                        help=f"docs page whose bench:{section} section to update ('none': leave it alone; "
+                             f"default: {PAGES[section].relative_to(ROOT)})")
+
+
+def update_page(section: str, markdown: str, page: Path) -> None:
     """Replace what lies between `<!-- bench:<section>:start -->` and `<!-- bench:<section>:end -->`."""
-    readme = Path(readme)
-    text = readme.read_text()
+    page = Path(page)
+    text = page.read_text()
     start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"{readme} needs exactly one {start} ... {end} pair.")
+        raise ValueError(f"{page} needs exactly one {start} ... {end} pair.")
     head, rest = text.split(start)
     _, tail = rest.split(end)
-    readme.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
+    page.write_text(f"{head}{start}\n{markdown.strip()}\n{end}{tail}")
 
 
-def publish(name: str, data: dict, markdown: str, out_dir=RESULTS_DIR, readme="none") -> None:
-    """A finished run: results/<name>.{json,md}, the README section (unless readme is 'none'), stdout."""
+def link(path: Path, page) -> str:
+    """How `page` refers to `path` (a figure): relative to the page's folder, or to the repository without one."""
+    path = Path(path).resolve()
+    if str(page) == "none":
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    return os.path.relpath(path, Path(page).resolve().parent)
+
+
+def publish(name: str, data: dict, markdown: str, out_dir=RESULTS_DIR, page="none") -> None:
+    """A finished run: results/<name>.{json,md}, the docs page's section (unless page is 'none'), stdout."""
     write_results(name, data, markdown, out_dir)
-    if str(readme) != "none":
-        update_readme(name, markdown, Path(readme))
+    if str(page) != "none":
+        update_page(name, markdown, Path(page))
     print(markdown)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG (atomic: a half-written figure never replaces a good one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    fig.savefig(partial, format="png", dpi=120, bbox_inches="tight")
+    partial.replace(path)
+    return path
 
 
 def clone(model: nn.Module) -> nn.Module:

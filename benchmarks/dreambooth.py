@@ -583,7 +583,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
             if record["seed"] == seeds[0]:
                 samples[(record["method"], record["subject"])] = sample
     results = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "readme")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "page")},
         "subjects": subjects, "validation_subjects": validation, "seeds": seeds,
         "instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT,
         "prior_names": bench.judge.prior_names, "pipeline": str(bench.pipeline_dir),
@@ -788,7 +788,7 @@ def main(argv=None):
                         help="keep the runs here and reuse the ones finished with the same flags "
                              "(default: a temporary folder)")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    B.add_page_argument(parser, "dreambooth")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -796,9 +796,8 @@ def main(argv=None):
     results["command"] = shlex.join(["python", "benchmarks/dreambooth.py", *(sys.argv[1:] if argv is None else argv)])
     out = Path(args.out)
     grid = save_pictures(out / "dreambooth_samples.png", pictures)
-    grid_ref = str(grid.relative_to(ROOT)) if grid.resolve().is_relative_to(ROOT) else str(grid)
-    markdown = render(results, grid_ref)
-    B.publish("dreambooth", results, markdown, out, args.readme)
+    markdown = render(results, B.link(grid, args.page))
+    B.publish("dreambooth", results, markdown, out, args.page)
     return results
 
 

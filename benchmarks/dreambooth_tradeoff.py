@@ -19,12 +19,14 @@ its neighbouring lrs:
 
 Each method runs at the lrs of its own grid (`--grid METHOD=LR,LR,...`, default `dreambooth.LR_GRIDS`).
 Finished runs in `--workdir` are reused (split a long run over several invocations, add seeds later).
-Results: results/dreambooth_tradeoff[-validation].{json,md} and, for the test split, the README section.
+Results: results/dreambooth_tradeoff[-validation].{json,md,png} and, for the test split, the section of
+docs/benchmarks.md. `--plot-only` redraws the figure from the saved JSON without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -90,6 +92,50 @@ def paired(runs: list[dict], reference: str, level: float) -> dict[str, dict]:
                                     if diffs else None),
                        "mean_diff": statistics.mean(diffs) if diffs else None}
     return out
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_spread(runs: list[dict]) -> dict[float, tuple[float, float, float, float]]:
+    """Per lr: the (prior, subject) similarity of each seed, averaged over subjects, as their means and stds
+    (the seeds' spread; 0 with one seed)."""
+    out = {}
+    for lr in sorted({r["lr"] for r in finished(runs)}):
+        per_seed = {}
+        for r in finished(runs):
+            if r["lr"] == lr:
+                per_seed.setdefault(r["seed"], []).append((r["prior_similarity"], r["subject_similarity"]))
+        priors = [statistics.mean(p for p, _ in v) for v in per_seed.values()]
+        subjects = [statistics.mean(s for _, s in v) for v in per_seed.values()]
+        out[lr] = (statistics.mean(priors), spread(priors), statistics.mean(subjects), spread(subjects))
+    return out
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Subject similarity against prior similarity, one curve per method through its lrs, with the seeds'
+    spread as error bars: up and right is better, and a method is better where its curve lies above."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot()
+    for k, (method, mine) in enumerate(by_method(results["records"]).items()):
+        points = seed_spread(mine)
+        lrs = list(points)
+        prior, prior_sd, subject, subject_sd = (np.array([points[lr][i] for lr in lrs]) for i in range(4))
+        line = ax.errorbar(prior, subject, xerr=prior_sd, yerr=subject_sd, marker="o", capsize=3, label=method)
+        for lr, x, y in zip(lrs, prior, subject):
+            ax.annotate(f"lr {lr:g}", (x, y), textcoords="offset points", xytext=(5, 5 - 14 * (k % 2)), fontsize=7,
+                        color=line.lines[0].get_color())
+    ax.set_xlabel("prior similarity (pretrained emoji after fine-tuning; higher = less forgetting)")
+    ax.set_ylabel("subject similarity (higher = more like the subject)")
+    seeds = results["seeds"]
+    ax.set_title(f"DreamBooth trade-off, {results['split']} subjects: {len(results['subjects'])} subjects × "
+                 f"{seeds} seed{'s' if seeds != 1 else ''}, {results['steps']} steps", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return B.save_figure(fig, path)
 
 
 def markdown(results: dict) -> str:
@@ -159,10 +205,17 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--prior-levels", type=float, nargs="+", default=[0.60, 0.65, 0.70, 0.75, 0.80])
     parser.add_argument("--win-level", type=float, default=0.70, help="prior similarity of the paired comparison")
-    parser.add_argument("--workdir", required=True, help="one subfolder per lr; finished runs are reused")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README), help="README to update (test split only; 'none': not)")
+    B.add_page_argument(parser, "dreambooth_tradeoff")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the figure from --out's saved JSON of this --split; run nothing")
+    parser.add_argument("--workdir", help="one subfolder per lr; finished runs are reused (required to run)")
     args = parser.parse_args(argv)
+    name = "dreambooth_tradeoff" + ("" if args.split == "test" else "-validation")
+    if args.plot_only:
+        return plot(json.loads((Path(args.out) / f"{name}.json").read_text()), Path(args.out) / f"{name}.png")
+    if not args.workdir:
+        parser.error("--workdir is required (unless --plot-only)")
     grids = parse_grids(args.grid)
     runs = []
     for lr in sorted({lr for m in args.methods for lr in grids[m]}):
@@ -171,7 +224,7 @@ def main(argv=None):
                           "--val-subjects", "0", "--steps", str(args.steps), "--rank", str(args.rank),
                           "--jobs", str(args.jobs), "--lr-grid", str(lr), "--methods", *methods,
                           "--workdir", str(Path(args.workdir) / f"lr{lr:g}"),
-                          "--out", str(Path(args.workdir) / f"out-lr{lr:g}"), "--readme", "none"])
+                          "--out", str(Path(args.workdir) / f"out-lr{lr:g}"), "--page", "none"])
         runs += results["runs"]
     command = "python benchmarks/dreambooth_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
     data = {"command": command, "split": args.split, "subjects": sorted({r["subject"] for r in runs}),
@@ -181,8 +234,8 @@ def main(argv=None):
             "prior_levels": args.prior_levels, "win_level": args.win_level,
             "paired": paired(runs, D.REFERENCE, args.win_level),
             "stopped": [r for r in runs if "stopped" in r], "records": runs, "env": B.environment()}
-    name = "dreambooth_tradeoff" + ("" if args.split == "test" else "-validation")
-    B.publish(name, data, markdown(data), Path(args.out), args.readme if args.split == "test" else "none")
+    B.publish(name, data, markdown(data), Path(args.out), args.page if args.split == "test" else "none")
+    plot(data, Path(args.out) / f"{name}.png")
     return data
 
 

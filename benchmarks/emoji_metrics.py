@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Generation metrics of the pretrained tiny emoji pipeline, judged by the emoji classifier.
 
-    python benchmarks/emoji_metrics.py [--pipeline DIR] [--readme README.md|none]
+    python benchmarks/emoji_metrics.py [--pipeline DIR] [--page docs/emoji-model.md|none]
 
 For every emoji the pipeline was pretrained on, `--per_class` prompts "a <name> emoji on a <colour>
 background" (colours cycle through the palette), at the default sampler, steps and guidance, fixed seeds. Reports
 the classifier's top-1 over all 1,361 emoji (and top-5, and top-1 among the pretrained emoji only)
 and how often the border's nearest palette colour is the requested one. Writes
-benchmarks/results/emoji_metrics.json, a 16-prompt sample grid, and the README section.
+benchmarks/results/emoji_metrics.json, a 16-prompt sample grid, and the section of docs/emoji-model.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # a checkout works without `pip install -e .`
 
-from benchmarks.benchlib import README, RESULTS_DIR, update_readme  # noqa: E402
+from benchmarks import benchlib as B  # noqa: E402
 from lie_diffusion.emoji.classifier import load_classifier  # noqa: E402
 from lie_diffusion.emoji.data import PALETTE, background_color, caption, load_renders  # noqa: E402
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
@@ -108,8 +108,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--readme", default=str(README), help="README to update, or 'none'.")
+    parser.add_argument("--out", type=Path, default=B.RESULTS_DIR)
+    B.add_page_argument(parser, "emoji")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -125,8 +125,8 @@ def main() -> None:
                      label_lines=4)
     print(json.dumps(results, indent=1))
     print(f"grid: {grid}")
-    if args.readme != "none":
-        update_readme("emoji", markdown(results, str(grid.relative_to(ROOT))), Path(args.readme))
+    if args.page != "none":
+        B.update_page("emoji", markdown(results, B.link(grid, args.page)), Path(args.page))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Extracting an adapter from a real full fine-tune: Lie (exp, taylor) vs LoCon at an equal parameter count.
 
-    python benchmarks/extract_compare.py    # writes results/extract.{json,md} and the README section
+    python benchmarks/extract_compare.py    # writes results/extract.{json,md} and the section of docs/hosts.md
 
 The full fine-tune is the quality benchmark's: a conv-only UNet2DModel pretrained on digits 0-4 and
 fully fine-tuned on digits 5-9 (scikit-learn's real 8×8 scans). From (base, tuned) on the same conv
@@ -84,7 +84,7 @@ def run(args, log=print) -> dict:
             log(f"  rank {rank} {kind}: weight error {error:.4f}, test {row[kind]['test']:.5f}")
         results["ranks"][str(rank)] = row
         results["not_captured"] = other
-    results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "readme")}
+    results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "page")}
     results["config"].update(targets=len(targets), seconds=round(time.perf_counter() - start))
     results["env"] = B.environment()
     return results
@@ -135,11 +135,11 @@ def main(argv=None):
     parser.add_argument("--fit-steps", type=int, default=200, help="L-BFGS steps per layer for the Lie fit")
     parser.add_argument("--eval-draws", type=int, default=4)
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    B.add_page_argument(parser, "extract")
     args = parser.parse_args(argv)
     results = run(args)
     markdown = render(results)
-    B.publish("extract", results, markdown, args.out, args.readme)
+    B.publish("extract", results, markdown, args.out, args.page)
     return results
 
 

@@ -1,6 +1,6 @@
 """Does it learn better? Held-out denoising loss at an equal trainable-parameter budget.
 
-    python benchmarks/quality.py    # writes results/quality.{json,md}, results/quality_samples.png, README
+    python benchmarks/quality.py    # writes results/quality.{json,md}, results/quality_samples.png, docs/benchmarks.md
 
 Data: scikit-learn's handwritten digits, 1,797 real 8×8 scans (UCI) that ship inside the package, so
 the benchmark runs offline with a dependency the `bench` extra already has; class labels give a clean
@@ -188,7 +188,7 @@ def run(args, log=print) -> dict:
         }
         samples[method] = sample(best_model, args.samples, args.sample_steps, seed=7)
         del sweep
-    results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "readme")}
+    results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "page")}
     results["config"].update(model=MODEL, targets=len(targets), sizes={k: len(v) for k, v in data.items()},
                              seconds=round(time.perf_counter() - start))
     results["env"] = B.environment()
@@ -210,7 +210,8 @@ def summary(results) -> list[str]:
                          f"sum of stds {spread:.5f}){within}.")
     if "lie-taylor" in m and "peft-hira" in m:
         lines.append("lie-taylor and peft-hira compute the same function (W + W ⊙ BA; alpha = rank), so equal losses are "
-                     "expected: they differ in cost (see the speed table), not in what they learn.")
+                     "expected: they differ in cost (see the speed tables, docs/performance.md), not in what they "
+                     "learn.")
     edges = [k for k in m if m[k]["best_lr_at_grid_edge"]]
     if edges:
         lines.append(f"Best learning rate at the edge of its grid for: {', '.join(edges)} (a wider sweep might change these).")
@@ -255,12 +256,12 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    B.add_page_argument(parser, "quality")
     args = parser.parse_args(argv)
 
     results, samples = run(args)
     markdown = render(results)
-    B.publish("quality", results, markdown, args.out, args.readme)
+    B.publish("quality", results, markdown, args.out, args.page)
     save_grid(samples, f"{args.out}/quality_samples.png")
     return results
 

@@ -1,6 +1,7 @@
 """What does it cost? Training step, inference and adapter-file times and peak memory, against peers.
 
-    python benchmarks/speed.py            # mid-size UNet on CPU; writes results/speed.{json,md} and README
+    python benchmarks/speed.py              # mid-size UNet on CPU: results/speed.{json,md,png}, docs/performance.md
+    python benchmarks/speed.py --plot-only  # redraw results/speed.png from results/speed.json
 
 Training: lie-diffusion exp / taylor, peft LoRA, peft HiRA, LyCORIS LoCon and the floor (frozen UNet
 with full weight gradients on the targeted convs, no optimizer), on the same conv layers at the same
@@ -16,8 +17,10 @@ Files: load / fuse / merge an SD1.5-size adapter.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -375,6 +378,43 @@ def render(results) -> str:
     return "\n".join(parts)
 
 
+TRAIN_CURVES = ("lie-exp", "lie-taylor", "lie-exp+keep", "peft-lora", "peft-hira", "lycoris-locon")
+INFERENCE_CURVES = ("lie-exp unfused", "lie-exp unfused, no W' cache", "peft-lora unfused", "lie-exp fused")
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Speed by latent size: the training step against the floor and inference against the base model, per
+    method (the ratios the goals are stated in; 1.0 is the floor / the base)."""
+    from matplotlib.figure import Figure
+
+    latents = sorted(results["configs"], key=int)
+    fig = Figure(figsize=(10, 4))
+    train_ax, infer_ax = fig.subplots(1, 2)
+    for method in TRAIN_CURVES:
+        rows = [results["configs"][n]["train"]["methods"] for n in latents]
+        if all(method in r for r in rows):
+            train_ax.plot([int(n) for n in latents], [r[method]["step_s"] / r["floor"]["step_s"] for r in rows],
+                          marker="o", label=method)
+    for name in INFERENCE_CURVES:
+        rows = [results["configs"][n]["inference"] for n in latents]
+        if all(name in r for r in rows):
+            infer_ax.plot([int(n) for n in latents], [r[name]["x_base"] for r in rows], marker="o", label=name)
+    env = results["env"]
+    for ax, title, ylabel in ((train_ax, "training step (fwd+bwd+AdamW)", "× floor (frozen UNet, full conv grads)"),
+                              (infer_ax, "inference (no grad, batch 1)", "× base model")):
+        ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(n) for n in latents], [f"{n}×{n}" for n in latents])
+        ax.set_xlabel("latent size")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"speed.py on {env['cpu']} ({env['torch_threads']} threads), {env['date']}: lower is faster",
+                 fontsize=10)
+    return B.save_figure(fig, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="mid", choices=sorted(B.UNET_CONFIGS))
@@ -394,8 +434,12 @@ def main(argv=None):
     parser.add_argument("--files-size", default="sd15", choices=sorted(B.UNET_CONFIGS) + ["none"])
     parser.add_argument("--file-reps", type=int, default=3)
     parser.add_argument("--out", default=str(B.RESULTS_DIR), help="folder for speed.json / speed.md")
-    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    B.add_page_argument(parser, "speed")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw speed.png from --out's speed.json; run nothing")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        return plot(json.loads((Path(args.out) / "speed.json").read_text()), Path(args.out) / "speed.png")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,7 +460,8 @@ def main(argv=None):
     if args.files_size != "none":
         results["files"] = bench_files(args.files_size, args.rank, args.file_reps)
     markdown = render(results)
-    B.publish("speed", results, markdown, args.out, args.readme)
+    B.publish("speed", results, markdown, args.out, args.page)
+    plot(results, Path(args.out) / "speed.png")
     return results
 
 

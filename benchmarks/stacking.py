@@ -198,7 +198,7 @@ def run(args, workdir: Path, log=print) -> dict:
             done[task] = record
     base = stacking.score(pretrained_emoji_pipeline(bench.pipeline_dir), [])
     return {
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "readme")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "page")},
         "subjects": stacking.subjects, "tokens": stacking.tokens, "pairs": [[stacking.subjects[i], stacking.subjects[j]]
                                                                              for i, j in PAIRS],
         "strengths": list(STRENGTHS), "lr": lrs, "base_prior_similarity": base["prior_similarity"],
@@ -329,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--workdir", required=True, help="trained adapters and finished tasks are kept and reused")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
-    parser.add_argument("--readme", default=str(B.README), help="README to update ('none': leave it alone)")
+    B.add_page_argument(parser, "stacking")
     args = parser.parse_args(argv)
     # what the DreamBooth bench reads besides these flags: the first 4 test subjects, no lr sweep, no variants
     args.split, args.subjects, args.val_subjects, args.variant = "test", len(TOKENS), 0, None
@@ -343,7 +343,7 @@ def main(argv=None):
     results = run(args, workdir)
     results["command"] = shlex.join(["python", "benchmarks/stacking.py", *(sys.argv[1:] if argv is None else argv)])
     results["summary"] = summarize(results)
-    B.publish("stacking", results, render(results), Path(args.out), args.readme)
+    B.publish("stacking", results, render(results), Path(args.out), args.page)
     return results
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import benchlib as B  # noqa: E402
 
-README_TEMPLATE = "# x\n\n<!-- bench:speed:start -->\nSTALE\n<!-- bench:speed:end -->\nkeep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n"
+PAGE_TEMPLATE = "# x\n\n<!-- bench:speed:start -->\nSTALE\n<!-- bench:speed:end -->\nkeep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_peers_attach_train_and_detach(tiny, method):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_interleaved_memory_and_readme(tmp_path):
+def test_interleaved_memory_and_page_update(tmp_path):
     calls = []
     times = B.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2, warmup=1, log=lambda _: None)
     assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then rotated rounds
@@ -49,24 +49,27 @@ def test_interleaved_memory_and_readme(tmp_path):
     assert 15.9 < peak["tensor_mib"] < 16.1
     assert peak["rss_mib"] is None or peak["rss_mib"] >= 0
 
-    readme = tmp_path / "README.md"
-    readme.write_text(README_TEMPLATE)
-    B.update_readme("speed", "| new |", readme)
-    assert readme.read_text() == README_TEMPLATE.replace("STALE", "| new |")
-    readme.write_text("no markers")
+    page = tmp_path / "page.md"
+    page.write_text(PAGE_TEMPLATE)
+    B.update_page("speed", "| new |", page)
+    assert page.read_text() == PAGE_TEMPLATE.replace("STALE", "| new |")
+    page.write_text("no markers")
     with pytest.raises(ValueError, match="bench:speed"):
-        B.update_readme("speed", "x", readme)
+        B.update_page("speed", "x", page)
+    # figures are linked relative to the page that shows them
+    assert B.link(B.RESULTS_DIR / "speed.png", B.PAGES["speed"]) == "../benchmarks/results/speed.png"
+    assert B.link(B.RESULTS_DIR / "speed.png", "none") == "benchmarks/results/speed.png"
 
 
 def test_speed_script_end_to_end(tmp_path):
     pytest.importorskip("lycoris")
     import speed
 
-    readme = tmp_path / "README.md"
-    readme.write_text(README_TEMPLATE)
+    readme = tmp_path / "page.md"
+    readme.write_text(PAGE_TEMPLATE)
     speed.main(["--size", "tiny", "--latents", "8", "--batch", "1", "--reps", "1", "--warmup", "0", "--inference-reps", "1",
                 "--compile-size", "none",
-                "--files-size", "tiny", "--file-reps", "1", "--out", str(tmp_path), "--readme", str(readme)])
+                "--files-size", "tiny", "--file-reps", "1", "--out", str(tmp_path), "--page", str(readme)])
     data = json.loads((tmp_path / "speed.json").read_text())
     config = data["configs"]["8"]
     assert set(config["train"]["methods"]) == set(B.TRAIN_PEERS) | set(speed.VARIANTS)
@@ -82,6 +85,7 @@ def test_speed_script_end_to_end(tmp_path):
     assert {"load", "merge"} <= set(data["files"]["ops"])
     text = readme.read_text()
     assert "| lie-exp |" in text and "STALE" not in text and text.endswith("keep\n<!-- bench:quality:start -->\n<!-- bench:quality:end -->\n")
+    assert (tmp_path / "speed.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_compiled_benchmark_counts_graph_breaks():
@@ -109,8 +113,8 @@ def test_quality_script_end_to_end(tmp_path):
     pytest.importorskip("sklearn")
     import quality
 
-    readme = tmp_path / "README.md"
-    readme.write_text(README_TEMPLATE)
+    readme = tmp_path / "page.md"
+    readme.write_text(PAGE_TEMPLATE)
     quality.main(["--methods", "peft-lora", "lie-exp", "--steps", "1", "--batch", "4", "--seeds", "2", "--pretrain-steps", "1",
                   "--lr-grid", "1e-3", "--eval-draws", "1", "--samples", "2", "--sample-steps", "1",
                   "--out", str(tmp_path), "--readme", str(readme)])
@@ -120,3 +124,42 @@ def test_quality_script_end_to_end(tmp_path):
     assert data["methods"]["lie-exp"]["trainable_params"] == data["methods"]["peft-lora"]["trainable_params"]
     assert (tmp_path / "quality_samples.png").stat().st_size > 0
     assert "| lie-exp |" in readme.read_text()
+
+
+def _fake_speed(latents=(8, 16)):
+    train = {"lie-exp": 1.2, "peft-lora": 1.1, "floor": 1.0}
+    inference = {"base": 1.0, "lie-exp unfused": 1.05, "lie-exp fused": 1.0}
+    return {"env": {"cpu": "test", "torch_threads": 1, "date": "today"},
+            "configs": {str(n): {"train": {"methods": {m: {"step_s": x * n} for m, x in train.items()}},
+                                 "inference": {m: {"x_base": x} for m, x in inference.items()}} for n in latents}}
+
+
+def test_speed_figure_redrawn_from_saved_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    import speed
+
+    (tmp_path / "speed.json").write_text(json.dumps(_fake_speed()))
+    path = speed.main(["--plot-only", "--out", str(tmp_path)])
+    assert path == tmp_path / "speed.png" and path.read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "speed.png.partial").exists()
+
+
+def test_tradeoff_figure_redrawn_from_saved_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import dreambooth_tradeoff as T
+
+    records = [{"method": method, "subject": subject, "seed": seed, "lr": lr,
+                "prior_similarity": 0.9 - lr * 100 + 0.01 * seed, "subject_similarity": 0.5 + lr * 100 + shift + 0.02 * seed}
+               for method, shift in (("lie-default", 0.0), ("lora-conv-attn", 0.01))
+               for subject in ("rocket", "crown") for seed in (0, 1) for lr in (1e-3, 3e-3)]
+    records.append({**records[0], "stopped": "NaN loss at step 3"})  # NaN stops are left out of the curves
+    data = {"split": "test", "subjects": ["crown", "rocket"], "seeds": 2, "steps": 3, "records": records}
+    (tmp_path / "dreambooth_tradeoff.json").write_text(json.dumps(data))
+    path = T.main(["--plot-only", "--out", str(tmp_path)])
+    assert path.read_bytes().startswith(b"\x89PNG")
+    # per lr: the mean over seeds of each seed's mean over subjects, and the seeds' standard deviation
+    spread = T.seed_spread([r for r in records if r["method"] == "lie-default"])
+    prior, prior_sd, subject, subject_sd = spread[1e-3]
+    assert prior == pytest.approx(0.8 + 0.005) and subject == pytest.approx(0.6 + 0.01)
+    assert prior_sd == pytest.approx(0.01 / 2**0.5) and subject_sd == pytest.approx(0.02 / 2**0.5)

@@ -36,7 +36,7 @@ def smallest(tmp_path_factory):
     readme = out / "README.md"
     readme.write_text(README)
     original = training.add_adapters, training.finish_training
-    D.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(out), "--readme", str(readme)])
+    D.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(out), "--page", str(readme)])
     assert (training.add_adapters, training.finish_training) == original  # the swap is undone
     return out, json.loads((out / "dreambooth.json").read_text()), readme.read_text()
 
@@ -109,14 +109,14 @@ def test_a_second_invocation_reuses_finished_runs_of_the_same_setup(smallest, mo
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(D.Bench, "run", must_not_train)
-    again = D.main([*SMALLEST, "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
+    again = D.main([*SMALLEST, "--workdir", str(work), "--out", str(tmp_path), "--page", "none"])
     assert again["runs"] == results["runs"]
     # a run counts for any invocation with the same method, whatever ran beside it
-    alone = D.main([*SMALLEST, "--methods", "lora-attn", "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
+    alone = D.main([*SMALLEST, "--methods", "lora-attn", "--workdir", str(work), "--out", str(tmp_path), "--page", "none"])
     assert alone["runs"] == [r for r in results["runs"] if r["method"] == "lora-attn"]
     # another setup (here: more steps) never takes those records
     with pytest.raises(AssertionError, match="trained again"):
-        D.main([*SMALLEST[:5], "2", *SMALLEST[6:], "--workdir", str(work), "--out", str(tmp_path), "--readme", "none"])
+        D.main([*SMALLEST[:5], "2", *SMALLEST[6:], "--workdir", str(work), "--out", str(tmp_path), "--page", "none"])
 
 
 def test_a_retrained_model_or_judge_is_another_setup(tmp_path):

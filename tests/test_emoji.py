@@ -165,7 +165,7 @@ def test_classifier_script_short_run(tmp_path):
 
 def test_metrics_script_smoke(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "emoji_metrics.py"), "--limit", "4", "--per_class", "1",
-               "--steps", "2", "--out", str(tmp_path), "--readme", "none"]
+               "--steps", "2", "--out", str(tmp_path), "--page", "none"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "emoji_metrics.json").read_text())["results"]

@@ -44,7 +44,7 @@ SDXL_UNET = dict(
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
 # The tiny SDXL UNet with real SDXL's block order: its first up block (the one with an upsampler) has
-# attention. Stock diffusers' SGM remap assumes that order (see the README's interop section).
+# attention. Stock diffusers' SGM remap assumes that order (see docs/hosts.md).
 TINY_SDXL_ORDERED = dict(
     UNET_CONFIGS["sdxl"], down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -154,7 +154,7 @@ def test_unet_names_map_to_real_modules_under_each_tools_rules(layout):
             assert a1111_sd1_compvis(name) == "diffusion_model_" + sgm[module].replace(".", "_")
     misplaced = set(names) - stock_diffusers_modules(list(names.values()), unet)
     # stock diffusers' SGM remap takes an output block's index 1 for attention: wrong for tiny-sdxl's first up
-    # block, which has an upsampler but no attention (real SDXL's has both; see the README)
+    # block, which has an upsampler but no attention (real SDXL's has both; see docs/hosts.md)
     assert misplaced == ({"up_blocks.0.upsamplers.0.conv"} if layout == "tiny-sdxl" else set())
     if layout == "sdxl":
         assert names["down_blocks.1.resnets.0.conv1"] == "lora_unet_input_blocks_4_0_in_layers_2"

@@ -139,7 +139,7 @@ def test_comparison_benchmark_runs_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- bench:extract:start -->\nSTALE\n<!-- bench:extract:end -->\n")
     extract_compare.main(["--ranks", "1", "--steps", "1", "--pretrain-steps", "1", "--batch", "2", "--fit-steps", "2",
-                          "--eval-draws", "1", "--out", str(tmp_path), "--readme", str(readme)])
+                          "--eval-draws", "1", "--out", str(tmp_path), "--page", str(readme)])
     data = json.loads((tmp_path / "extract.json").read_text())
     row = data["ranks"]["1"]
     assert row["lie-exp"]["params"] == row["locon"]["params"] == row["lie-taylor"]["params"] > 0

@@ -22,7 +22,7 @@ def smallest(tmp_path_factory):
     out = tmp_path_factory.mktemp("stacking")
     readme = out / "README.md"
     readme.write_text(README)
-    results = S.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(out), "--readme", str(readme)])
+    results = S.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(out), "--page", str(readme)])
     return out, results, readme.read_text()
 
 
@@ -62,7 +62,7 @@ def test_a_second_invocation_reuses_finished_tasks(smallest, monkeypatch, tmp_pa
         raise AssertionError("trained again")
 
     monkeypatch.setattr(D.Bench, "train", no_training)
-    again = S.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(tmp_path), "--readme", "none"])
+    again = S.main([*SMALLEST, "--workdir", str(out / "work"), "--out", str(tmp_path), "--page", "none"])
     assert again["tasks"] == results["tasks"]
 
 
