@@ -8,7 +8,9 @@ reading of its diffusers original that picks from here what it needs.
     checkpoints   atomic, pickle-free checkpoints that resume a run exactly
     loop          the training loop, validation images, the final save
     model_card    the README.md left in the output folder
-    sd, sdxl      what is particular to a model family: how its prompts are encoded, how it is conditioned
+    flow          flow matching (Flux, SD3): timestep densities, noisy latents, loss weightings
+    sd, sdxl,     what is particular to a model family: how its prompts are encoded, how it is conditioned,
+    flux, sd3     how its latents are laid out
 
 Random crops, flips and the data order are functions of (seed, epoch, index), and checkpoints hold every
 process's random states, so a resumed run takes the same steps as one that was never interrupted.
@@ -47,7 +49,7 @@ from .data import (
     sidecar_caption,
 )
 from .errors import TrainingError
-from .flags import add_shared_arguments, adapter_config, check_args
+from .flags import adapter_config, add_shared_arguments, add_transformer_arguments, check_args
 from .loop import finish_training, log_validation, train_loop
 from .losses import denoising_loss, noise_target
 from .model_card import ModelFamily, save_model_card
@@ -66,6 +68,7 @@ __all__ = [
     "adapter_config",
     "add_adapters",
     "add_shared_arguments",
+    "add_transformer_arguments",
     "build_dataloader",
     "build_lr_scheduler",
     "build_optimizer",

@@ -232,8 +232,9 @@ def collate_fn(examples):
 
 
 def fast_sampler(pipeline):
-    """DPM-Solver++ for validation and class images, unless the model is an EDM one (keeps its own sampler)."""
-    if "EDM" not in type(pipeline.scheduler).__name__:
+    """DPM-Solver++ for validation and class images, unless the model is an EDM or a flow-matching one (keeps its
+    own sampler)."""
+    if not any(kind in type(pipeline.scheduler).__name__ for kind in ("EDM", "FlowMatch")):
         pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     return pipeline
 

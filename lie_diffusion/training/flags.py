@@ -7,7 +7,7 @@ import argparse
 import torch
 from diffusers.utils.import_utils import is_xformers_available
 
-from ..inject import LieConfig
+from ..inject import DEFAULT_PRESETS, PRESETS, LieConfig
 from .checkpoints import find_checkpoint
 from .data import INTERPOLATION, METADATA
 from .errors import TrainingError
@@ -64,15 +64,17 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--num_validation_images", type=int, default=4, help="Images generated per validation.")
     parser.add_argument("--validation_epochs", type=int, default=50, help="Run validation every X epochs.")
     parser.add_argument("--num_inference_steps", type=int, default=25,
-                        help="Denoising steps (DPM-Solver++) for validation images and generated class images.")
+                        help="Denoising steps for validation images and generated class images (DPM-Solver++, or the "
+                             "model's own sampler on EDM and flow-matching models).")
     # Adapters
     parser.add_argument("--rank", type=int, default=4, help="Rank of the adapters (Lie and attention).")
-    parser.add_argument("--alpha", type=float, default=None,
+    parser.add_argument("--alpha", "--lora_alpha", type=float, default=None,
                         help="Adapter alpha; the update is scaled by alpha / rank. Default: the rank.")
     parser.add_argument("--lie_mode", type=str, default="exp", choices=["exp", "taylor"],
                         help="Lie update: 'exp' (W ⊙ exp Δ, the group update) or 'taylor' (W + W ⊙ Δ).")
     parser.add_argument("--attn_adapter", type=str, default="lora", choices=["lora", "lie", "none"],
-                        help="Adapter on the attention projections (and on the text encoders).")
+                        help="Adapter on a UNet's attention projections or a transformer's targeted Linear layers, and on "
+                             "the text encoders. Default: lora on a UNet, the --target_preset's (lie) on a transformer.")
     parser.add_argument("--lie_balance", type=str, default="rms", choices=["rms", "none"],
                         help="Scale of each Lie adapter: 'rms' divides its alpha by the RMS of its kernel, so one "
                              "learning rate moves Lie and LoRA weights alike; 'none': alpha / rank, as in LoRA.")
@@ -82,7 +84,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--conv_targets", type=str, default=None,
                         help="Comma-separated regexes matched against the end of Conv2d module names.")
     parser.add_argument("--attn_targets", type=str, default=None,
-                        help="Comma-separated regexes matched against the end of attention Linear module names.")
+                        help="Comma-separated regexes matched against the end of attention (UNet) or any Linear (transformer) "
+                             "module names.")
     parser.add_argument("--adapter_dropout", "--lora_dropout", type=float, default=0.0, help="Adapter dropout.")
     # Text encoder
     parser.add_argument("--train_text_encoder", action="store_true", help=f"Also train adapters on {text_encoders}.")
@@ -149,6 +152,21 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by some distributed launchers.")
 
 
+def add_transformer_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    """What a diffusion-transformer script (Flux, SD3) adds to the shared flags, and the defaults of its diffusers
+    original that differ from the UNet scripts'. `family`: "flux" or "sd3"."""
+    presets = [name for name, preset in PRESETS.items() if preset.family == family]
+    default = next(name for name in DEFAULT_PRESETS.values() if name in presets)
+    parser.add_argument("--target_preset", type=str, default=default, choices=presets,
+                        help=f"Which layers get adapters: {'; '.join(f'{n}: {PRESETS[n].description}' for n in presets)}. "
+                             f"Default {default!r} (diffusers' targets; provisional until measured). "
+                             "--attn_targets / --conv_targets replace its choice.")
+    parser.set_defaults(
+        attn_adapter=None,  # the preset's: Lie on the transformer's Linear layers
+        learning_rate=1e-4, text_encoder_lr=5e-6, adam_weight_decay=1e-4, num_inference_steps=28,
+    )
+
+
 def _boolean(value: str) -> bool:
     """argparse type for diffusers' `--prodigy_* True/False` flags (a plain `bool` would read "False" as True)."""
     if value.lower() in ("1", "true", "yes"):
@@ -200,7 +218,7 @@ def check_args(args):
 
 
 def adapter_config(args) -> LieConfig:
-    """LieConfig for the UNet; --rank/--alpha apply to both sections, --conv_* override the Lie (conv) one."""
+    """LieConfig for the denoiser; --rank/--alpha apply to both groups, --conv_* override the conv one."""
     alpha = args.alpha if args.alpha is not None else args.rank
     conv_rank = args.conv_rank or args.rank
     conv_alpha = next(a for a in (args.conv_alpha, args.alpha, conv_rank) if a is not None)
@@ -211,5 +229,6 @@ def adapter_config(args) -> LieConfig:
     }
     return LieConfig(
         rank=conv_rank, alpha=conv_alpha, attn_rank=args.rank, attn_alpha=alpha, mode=args.lie_mode,
-        balance=args.lie_balance, attn_adapter=args.attn_adapter, dropout=args.adapter_dropout, **targets,
+        balance=args.lie_balance, attn_adapter=args.attn_adapter, dropout=args.adapter_dropout,
+        preset=getattr(args, "target_preset", None), **targets,
     )
