@@ -60,7 +60,7 @@ def main(args):
     vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     trained_models = training.add_adapters(args, accelerator, unet, [text_encoder])
     adapted_models = dict(zip(["unet", "text_encoder"], trained_models))
-    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
+    optimizer = training.build_optimizer(args, accelerator, trained_models)
 
     encode_prompts = PromptEncoder(tokenizer, accelerator.device)  # each image's caption, or the prompt of its role
 
@@ -96,7 +96,7 @@ def main(args):
         )
 
     global_step = training.train_loop(
-        args, accelerator, FAMILY, adapted_models=adapted_models, params=params_to_optimize, optimizer=optimizer,
+        args, accelerator, FAMILY, adapted_models=adapted_models, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline,
     )

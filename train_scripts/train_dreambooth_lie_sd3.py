@@ -71,7 +71,7 @@ def main(args):
         frozen.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     trained_models = training.add_adapters(args, accelerator, transformer, clips)
     adapted_models = dict(zip(["transformer", *TEXT_ENCODERS], trained_models))
-    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
+    optimizer = training.build_optimizer(args, accelerator, trained_models)
     encode_prompts = sd3.PromptEncoder(tokenizers, accelerator.device, args.max_sequence_length,
                                        cache=not args.train_text_encoder)
 
@@ -112,7 +112,7 @@ def main(args):
         )
 
     global_step = training.train_loop(
-        args, accelerator, FAMILY, adapted_models=adapted_models, params=params_to_optimize, optimizer=optimizer,
+        args, accelerator, FAMILY, adapted_models=adapted_models, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline,
     )

@@ -92,7 +92,7 @@ def main(args):
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     trained_models = training.add_adapters(args, accelerator, unet, text_encoders)
     adapted_models = dict(zip(["unet", *TEXT_ENCODERS], trained_models))
-    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
+    optimizer = training.build_optimizer(args, accelerator, trained_models)
 
     latents_mean = latents_std = None
     if getattr(vae.config, "latents_mean", None) is not None:
@@ -158,7 +158,7 @@ def main(args):
         )
 
     global_step = training.train_loop(
-        args, accelerator, FAMILY, adapted_models=adapted_models, params=params_to_optimize, optimizer=optimizer,
+        args, accelerator, FAMILY, adapted_models=adapted_models, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline, validation_kwargs=validation_kwargs,
     )

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io import read_lie_file, save_lie_weights
 from .errors import TrainingError
+from .sharding import all_finite, copy_into, gathered, is_sharded, local_optimizer_state, reshard_optimizer_state
 
 logger = get_logger(__name__)
 
@@ -67,15 +68,16 @@ def load_adapters_in_place(checkpoint, models):
             "that wrote it (--rank, --conv_rank, --conv_targets, --attn_targets, --attn_adapter, --train_text_encoder)."
         )
     for key, entry in saved.items():
-        trained[key].lora_A["default"].weight.copy_(entry.A)
-        trained[key].lora_B["default"].weight.copy_(entry.B)
+        copy_into(trained[key].lora_A["default"].weight, entry.A)
+        copy_into(trained[key].lora_B["default"].weight, entry.B)
 
 
 # A checkpoint folder: the adapter file (WEIGHT_NAME), TRAINING_STATE (optimizer, lr scheduler, grad scaler,
-# accelerate's step counter) and one RANDOM_STATES file per process. All safetensors: accelerate's save_state
-# would pickle the states.
+# accelerate's step counter) and one RANDOM_STATES file per process; under FSDP the optimizer state is in one
+# OPTIMIZER_SHARD file per process instead. All safetensors: accelerate's save_state would pickle the states.
 TRAINING_STATE = "training_state.safetensors"
 RANDOM_STATES = "random_states_{}.safetensors"
+OPTIMIZER_SHARD = "optimizer_{}.safetensors"
 _STATE_METADATA = "lie_diffusion.state"
 
 
@@ -143,14 +145,20 @@ def set_random_states(states: dict) -> None:
 
 def save_training_state(folder, accelerator, adapted_models, optimizer, lr_scheduler) -> None:
     """What resuming needs, into `folder`: the adapters (main process), the optimizer / scheduler / scaler states
-    (main process) and every process's random states."""
+    (main process; under FSDP each process its optimizer shard) and every process's random states."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    sharded = is_sharded(accelerator)
+    with gathered(adapted_models.values()):
+        if accelerator.is_main_process:
+            save_lie_weights(folder, **adapted_models)
+    if sharded:
+        save_state_file(folder / OPTIMIZER_SHARD.format(accelerator.process_index),
+                        local_optimizer_state(optimizer.state_dict()))
     if accelerator.is_main_process:
-        save_lie_weights(folder, **adapted_models)
         scaler = accelerator.scaler
         save_state_file(folder / TRAINING_STATE, {
-            "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
             "grad_scaler": None if scaler is None else scaler.state_dict(), "step": accelerator.step,
         })
     save_state_file(folder / RANDOM_STATES.format(accelerator.process_index), random_states())
@@ -171,7 +179,14 @@ def load_training_state(folder, accelerator, adapted_models, optimizer, lr_sched
                             f"this one ({accelerator.num_processes}).")
     load_adapters_in_place(folder, adapted_models)
     state = load_state_file(state_file)
-    optimizer.load_state_dict(state["optimizer"])
+    if (state["optimizer"] is None) != is_sharded(accelerator):
+        raise TrainingError(f"{folder} was saved by a run {'with' if state['optimizer'] is None else 'without'} FSDP; "
+                            "resume it the same way.")
+    if state["optimizer"] is None:
+        optimizer.load_state_dict(load_state_file(folder / OPTIMIZER_SHARD.format(accelerator.process_index)))
+        reshard_optimizer_state(optimizer)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if accelerator.scaler is not None and state["grad_scaler"] is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -181,7 +196,7 @@ def load_training_state(folder, accelerator, adapted_models, optimizer, lr_sched
 
 def save_checkpoint(args, accelerator, step, params, adapted_models, optimizer, lr_scheduler):
     """The training state into a temporary folder, renamed when complete; then prune old ones."""
-    if not all(torch.isfinite(p).all() for p in params):
+    if not all_finite(accelerator, params):
         raise TrainingError(f"adapter weights are not finite at step {step}; not saving a checkpoint.")
     output_dir = Path(args.output_dir)
     final, partial = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.partial"

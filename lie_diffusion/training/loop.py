@@ -18,19 +18,22 @@ from .data import fast_sampler
 from .errors import TrainingError
 from .model_card import save_model_card
 from .run import weight_dtype_of
+from .sharding import gathered, is_sharded
 
 logger = get_logger(__name__)
 
 
-def train_loop(args, accelerator, family, *, adapted_models, params, optimizer, lr_scheduler, dataset, dataloader,
+def train_loop(args, accelerator, family, *, adapted_models, optimizer, lr_scheduler, dataset, dataloader,
                compute_loss, validation_pipeline, validation_kwargs=None):
     """Resume if asked, then train to `max_train_steps`: checkpoints, NaN stop, logs, periodic validation.
 
     `adapted_models`: the models whose adapters train, by component name ("unet", "text_encoder", ...).
+    Under FSDP the periodic validation is skipped: the sharded models run only with every process taking part.
     `compute_loss(batch)` gives the loss of one batch; `validation_pipeline()` builds a pipeline around
     the models being trained. Returns the last global step.
     """
     trained_models = list(adapted_models.values())
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # as prepared (sharded under FSDP)
     num_update_steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -50,6 +53,10 @@ def train_loop(args, accelerator, family, *, adapted_models, params, optimizer, 
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     logger.info(f"  Trainable parameters = {sum(p.numel() for p in params):,}")
 
+    sharded = is_sharded(accelerator)
+    if sharded and args.validation_prompt:
+        logger.warning("FSDP: no validation during training; the test images after training are made on the "
+                       "main process from the saved file.")
     global_step = 0
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args)
@@ -111,7 +118,7 @@ def train_loop(args, accelerator, family, *, adapted_models, params, optimizer, 
 
         # Periodic validation; the final one (finish_training) covers the end of training.
         validate = args.validation_prompt and epoch % args.validation_epochs == 0
-        if accelerator.is_main_process and validate and global_step < args.max_train_steps:
+        if accelerator.is_main_process and validate and global_step < args.max_train_steps and not sharded:
             for model in trained_models:
                 model.eval()
             pipeline = validation_pipeline()
@@ -153,9 +160,11 @@ def log_validation(pipeline, args, accelerator, step, phase="validation", **call
 def finish_training(args, accelerator, family, adapted_models, load_pipeline, step, validation_kwargs=None):
     """Save the adapters; check the saved file the way a user would load it (test images); write the card."""
     accelerator.wait_for_everyone()
+    with gathered(adapted_models.values()):
+        if accelerator.is_main_process:
+            path = save_lie_weights(args.output_dir, **adapted_models)
+            logger.info(f"Saved the adapters to {path}")
     if accelerator.is_main_process:
-        path = save_lie_weights(args.output_dir, **adapted_models)
-        logger.info(f"Saved the adapters to {path}")
         images = []
         if args.validation_prompt and args.num_validation_images > 0:
             pipeline = load_pipeline(weight_dtype_of(accelerator))

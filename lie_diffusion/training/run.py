@@ -21,6 +21,7 @@ from ..inject import add_lie_adapters
 from .data import DreamBoothDataset, ImageSet, caption_files, caption_images, collate_fn, generate_class_images, list_images
 from .errors import TrainingError
 from .flags import adapter_config
+from .sharding import broadcast_adapters, check_sharding
 
 logger = get_logger(__name__)
 
@@ -46,6 +47,7 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
+    check_sharding(accelerator)
     # Data first: a bad folder should fail in a second, not after the models have loaded.
     instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
     if not instance_images:
@@ -119,13 +121,14 @@ def add_adapters(args, accelerator, unet, text_encoders):
     for model in trained:
         add_lie_adapters(model, config)
     cast_training_params(trained, dtype=torch.float32)
+    broadcast_adapters(accelerator, trained)
     return trained
 
 
 def build_optimizer(args, accelerator, trained_models):
     """AdamW (or 8-bit AdamW, or Prodigy) over the adapters of the UNet (first) and of the text encoders.
 
-    Returns the optimizer and the list of the parameters it trains.
+    Returns the optimizer (its param groups: the UNet's adapters, then the text encoders').
     """
     unet_params = [p for p in trained_models[0].parameters() if p.requires_grad]
     text_encoder_params = [p for model in trained_models[1:] for p in model.parameters() if p.requires_grad]
@@ -159,7 +162,7 @@ def build_optimizer(args, accelerator, trained_models):
         optimizer = bnb.optim.AdamW8bit(param_groups, **common)
     else:
         optimizer = torch.optim.AdamW(param_groups, **common)
-    return optimizer, unet_params + text_encoder_params
+    return optimizer
 
 
 def build_dataloader(args, accelerator, instance, class_):
