@@ -1,18 +1,28 @@
 """Lie adapters on diffusion transformers: tiny Flux.1, SD3 and SD3.5 built from diffusers' real classes."""
 
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline)
+from diffusers.utils import dynamic_modules_utils
+from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from torch import nn
 
-from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, read_lie_file, save_lie_weights
+from lie_diffusion import LieConfig, add_lie_adapters, cli, load_lie_weights, read_lie_file, save_lie_weights
 from lie_diffusion.inject import PRESETS, find_targets, remove_adapter
+from lie_diffusion.pipelines import LieFluxPipeline, LieStableDiffusion3Pipeline
 from lie_diffusion.tiny import build_tiny_pipeline, tiny_t5_encoder, tiny_text_encoder, tiny_transformer
 
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Already found a `peft_config`", "ignore:Already following adapters", "ignore:All adapters are already",
+    "ignore:Already unmerged"
+)
+REPO = Path(__file__).resolve().parents[1]
 
 JOINT_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -224,3 +234,137 @@ def test_files_refuse_another_model_family(pipeline_dirs, tiny_pipeline_dir, tmp
     with pytest.raises(ValueError, match=r"holds adapters for \['transformer'\] but the target has only \['unet'\]"):
         load_lie_weights(targets["sd1"].unet, files["flux"])  # a bare model is its family's component
     assert read_lie_file(files["sd3"]).info["fingerprint"]["transformer"]["_class_name"] == "SD3Transformer2DModel"
+
+
+# ------------------------------------------------------------------------------------- pipelines and CLI
+
+
+@pytest.fixture(scope="module")
+def flux_files(pipeline_dirs, tmp_path_factory):
+    """Two Flux adapter files (Lie transformer + LoRA CLIP; Lie on all linear) and what each renders."""
+    root = tmp_path_factory.mktemp("flux-files")
+    a = adapted_pipeline(pipeline_dirs["flux"], None)
+    b = trained(add_lie_adapters(load_pipeline(pipeline_dirs["flux"]).transformer, LieConfig(preset="flux-all-linear",
+                                                                                              rank=3)), seed=5)
+    pipe_b = load_pipeline(pipeline_dirs["flux"])
+    pipe_b.transformer = b
+    return SimpleNamespace(a=save(a, root / "a"), b=save_lie_weights(root / "b", transformer=b), a_out=render(a),
+                           b_out=render(pipe_b), base_out=render(load_pipeline(pipeline_dirs["flux"])))
+
+
+def frozen_weights(pipe):
+    return {f"{c}.{n}".replace(".base_layer", ""): p.detach().clone() for c in ("transformer", "text_encoder")
+            for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
+
+
+def test_community_pipelines_load_lie_files(pipeline_dirs, flux_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    # one after the other in one process: diffusers runs every local pipeline.py into one cached module
+    for kind, folder, base in (("flux", "lie_flux", FluxPipeline), ("sd3.5", "lie_stable_diffusion_3",
+                                                                     StableDiffusion3Pipeline),
+                               ("flux", "lie_flux", FluxPipeline)):
+        pipe = DiffusionPipeline.from_pretrained(pipeline_dirs[kind], custom_pipeline=str(REPO / "pipelines" / folder),
+                                                 trust_remote_code=True)
+        assert isinstance(pipe, base) and type(pipe).__name__ == f"Lie{base.__name__}"
+    pipe.load_lie_weights(flux_files.a.parent)
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-6)
+
+
+def test_mixin_methods_and_diffusers_controls_on_flux(pipeline_dirs, flux_files, tmp_path):
+    pipe = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    base = frozen_weights(pipe)
+    pipe.load_lie_weights(flux_files.a)
+    pipe.load_lie_weights(flux_files.b)
+    assert pipe.get_list_adapters() == {"transformer": ["default", "default_1"], "text_encoder": ["default"]}
+    pipe.set_adapters(["default", "default_1"], [1.0, 0.0])
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+    pipe.set_adapters("default_1")
+    torch.testing.assert_close(render(pipe), flux_files.b_out, rtol=0, atol=1e-5)
+    pipe.disable_lora()
+    torch.testing.assert_close(render(pipe), flux_files.base_out, rtol=0, atol=0)
+    pipe.enable_lora()
+
+    # set_adapters(weights) is the strength: W ⊙ exp(0.5·sΔ), the same as loading at scale 0.5
+    pipe.set_adapters(["default"], [0.5])
+    half = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    half.load_lie_weights(flux_files.a, scale=0.5)
+    torch.testing.assert_close(render(pipe), render(half), rtol=0, atol=1e-6)
+    pipe.set_adapters(["default"])
+
+    pipe.fuse_lora(components=["transformer", "text_encoder"])
+    layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    assert layer.merged_adapters == ["default"]
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+    pipe.unfuse_lora(components=["transformer", "text_encoder"])
+    assert not layer.merged
+    for name, weight in frozen_weights(pipe).items():
+        torch.testing.assert_close(weight, base[name], rtol=0, atol=1e-6)
+
+    saved = pipe.save_lie_weights(tmp_path, adapter_name="default")
+    assert read_lie_file(saved).components == ["transformer", "text_encoder"]
+    pipe.delete_adapters("default_1")
+    assert pipe.get_list_adapters() == {"transformer": ["default"], "text_encoder": ["default"]}
+    pipe.merge_lie_weights()
+    assert not any(isinstance(m, LoraLayer) for c in (pipe.transformer, pipe.text_encoder) for m in c.modules())
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+
+    again = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    again.load_lie_weights(saved)
+    torch.testing.assert_close(render(again), flux_files.a_out, rtol=0, atol=0)
+    again.fuse_lie()
+    again.unload_lora_weights()  # the fused effect stays, the adapter layers go
+    assert not any(isinstance(m, LoraLayer) for m in again.transformer.modules())
+    torch.testing.assert_close(render(again), flux_files.a_out, rtol=0, atol=1e-5)
+
+
+def test_sd3_pipeline_save_load_fuse_merge(pipeline_dirs, tmp_path):
+    ours = adapted_pipeline(pipeline_dirs["sd3.5"], "sd3-all")
+    trained(add_lie_adapters(ours.text_encoder_2, LieConfig(rank=2)), seed=3)
+    expected = render(ours)
+    path = save_lie_weights(tmp_path, transformer=ours.transformer, text_encoder=ours.text_encoder,
+                            text_encoder_2=ours.text_encoder_2)
+    pipe = LieStableDiffusion3Pipeline(**load_pipeline(pipeline_dirs["sd3.5"]).components)
+    pipe.load_lie_weights(path)
+    assert pipe.get_list_adapters() == {c: ["default"] for c in ("transformer", "text_encoder", "text_encoder_2")}
+    torch.testing.assert_close(render(pipe), expected, rtol=0, atol=0)
+    pipe.fuse_lie()
+    torch.testing.assert_close(render(pipe), expected, rtol=0, atol=1e-5)
+    pipe.unfuse_lie()
+    pipe.merge_lie_weights()
+    assert type(pipe.transformer.pos_embed.proj) is nn.Conv2d and not hasattr(pipe.transformer, "peft_config")
+    torch.testing.assert_close(render(pipe), expected, rtol=0, atol=1e-5)
+
+
+def test_cli_merge_inspect_combine_on_flux_and_sd3(pipeline_dirs, flux_files, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--base", str(pipeline_dirs["flux"]), "--weights", str(flux_files.a),
+                     "--output", str(merged)]) == 0
+    pipe = load_pipeline(merged)
+    assert isinstance(pipe, FluxPipeline)
+    assert not any(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+
+    capsys.readouterr()
+    assert cli.main(["inspect", str(flux_files.a)]) == 0
+    report = capsys.readouterr().out
+    assert "Base FluxTransformer2DModel: attention_head_dim=16" in report and "lie.transformer.*" in report
+
+    combined = tmp_path / "combined.safetensors"
+    assert cli.main(["combine", str(flux_files.a), str(flux_files.b), "--weights", "1", "0.5",
+                     "--output", str(combined)]) == 0
+    both = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    both.load_lie_weights(flux_files.a, adapter_name="a")
+    both.load_lie_weights(flux_files.b, adapter_name="b")
+    both.set_adapters(["a", "b"], [1.0, 0.5])
+    one = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    one.load_lie_weights(combined)
+    torch.testing.assert_close(render(one), render(both), rtol=0, atol=1e-5)
+
+    sd3 = save(adapted_pipeline(pipeline_dirs["sd3"], None, text_adapter=None), tmp_path / "sd3")
+    capsys.readouterr()
+    assert cli.main(["combine", str(flux_files.a), str(sd3), "--output", str(tmp_path / "mixed.safetensors")]) == 1
+    assert "made for different base models" in capsys.readouterr().err
+    assert cli.main(["merge", "--base", str(pipeline_dirs["sd3"]), "--weights", str(flux_files.a),
+                     "--output", str(tmp_path / "wrong")]) == 1
+    assert "saved for a FluxTransformer2DModel" in capsys.readouterr().err
