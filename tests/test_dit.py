@@ -1,14 +1,28 @@
 """Lie adapters on diffusion transformers: tiny Flux.1, SD3 and SD3.5 built from diffusers' real classes."""
 
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+from diffusers import (DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline)
+from diffusers.utils import dynamic_modules_utils
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from torch import nn
 
-from lie_diffusion import LieConfig
-from lie_diffusion.inject import PRESETS, find_targets
-from lie_diffusion.tiny import tiny_t5_encoder, tiny_text_encoder, tiny_transformer
+from lie_diffusion import LieConfig, add_lie_adapters, cli, load_lie_weights, read_lie_file, save_lie_weights
+from lie_diffusion.inject import PRESETS, find_targets, remove_adapter
+from lie_diffusion.pipelines import LieFluxPipeline, LieStableDiffusion3Pipeline
+from lie_diffusion.tiny import build_tiny_pipeline, tiny_t5_encoder, tiny_text_encoder, tiny_transformer
 
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Already found a `peft_config`", "ignore:Already following adapters", "ignore:All adapters are already",
+    "ignore:Already unmerged"
+)
+REPO = Path(__file__).resolve().parents[1]
 
 JOINT_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -108,3 +122,249 @@ def test_lora_option_and_clear_errors(transformers):
         find_targets(transformers["sd3.5"], LieConfig(preset="flux"))
     with pytest.raises(ValueError, match="LieConfig.preset must be one of"):
         LieConfig(preset="flux-dev")
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+@pytest.fixture(scope="module")
+def pipeline_dirs(tmp_path_factory):
+    return {kind: build_tiny_pipeline(tmp_path_factory.mktemp(kind), kind) for kind in ("flux", "sd3", "sd3.5")}
+
+
+def load_pipeline(directory):
+    return DiffusionPipeline.from_pretrained(str(directory))
+
+
+def render(pipe) -> torch.Tensor:
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=16)
+    return pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def trained(model, adapter_name="default", std=0.3, seed=1):
+    """Factors as after training: lora_B no longer zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f"lora_B.{adapter_name}." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def adapted_pipeline(directory, preset, attn_adapter=None, text_adapter="lora", rank=2, attn_alpha=None):
+    pipe = load_pipeline(directory)
+    trained(add_lie_adapters(pipe.transformer, LieConfig(preset=preset, rank=rank, attn_adapter=attn_adapter,
+                                                         attn_alpha=attn_alpha)))
+    if text_adapter:
+        trained(add_lie_adapters(pipe.text_encoder, LieConfig(rank=rank, attn_adapter=text_adapter)), seed=2)
+    return pipe
+
+
+def save(pipe, directory) -> Path:
+    return save_lie_weights(directory, transformer=pipe.transformer,
+                            text_encoder=pipe.text_encoder if getattr(pipe.text_encoder, "peft_config", None) else None)
+
+
+# The Flux loader's converter triggers and norm-key routing (diffusers 0.42 FluxLoraLoaderMixin).
+FLUX_LOADER_TRIGGERS = (".lora_down.weight", "processor", "query_norm.scale", "base_model", "alpha",
+                        "norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+@pytest.mark.parametrize("kind,preset", [("flux", "flux-all"), ("sd3.5", "sd3-all")])
+@pytest.mark.parametrize("attn_adapter", ["lie", "lora"])
+def test_keys_never_trigger_the_stock_loaders_traps(pipeline_dirs, tmp_path, kind, preset, attn_adapter):
+    pipe = adapted_pipeline(pipeline_dirs[kind], preset, attn_adapter)
+    with safe_open(str(save(pipe, tmp_path)), "pt") as file:
+        keys = list(file.keys())
+    assert len(keys) == 2 * (len(find_targets(pipe.transformer, LieConfig(preset=preset))[0])
+                             + len(find_targets(pipe.transformer, LieConfig(preset=preset))[1]) + 8)
+    assert all("lora" in key for key in keys)  # the SD3 loader refuses any other key
+    assert not [key for key in keys for trigger in FLUX_LOADER_TRIGGERS if trigger in key]
+    lie = [key for key in keys if key.startswith("lie.")]
+    assert all(key.startswith(("lie.transformer.", "transformer.", "text_encoder.")) for key in keys)
+    convs = ["lie.transformer.pos_embed.proj.lora_A.weight", "lie.transformer.pos_embed.proj.lora_B.weight"]
+    assert sorted(lie) == (sorted(convs) if kind == "sd3.5" else []) if attn_adapter == "lora" else len(lie) > 2
+
+
+@pytest.mark.parametrize("kind,preset", [("flux", "flux-all-linear"), ("sd3.5", "sd3-all-linear")])
+def test_stock_loader_applies_the_lora_part_with_its_alpha_and_ignores_the_lie_part(pipeline_dirs, tmp_path, kind,
+                                                                                   preset):
+    # LoRA on the transformer at alpha 3 × rank (only the metadata tells stock diffusers), Lie on CLIP
+    ours = adapted_pipeline(pipeline_dirs[kind], preset, "lora", text_adapter="lie", attn_alpha=6.0)
+    path = save(ours, tmp_path)
+    stock = load_pipeline(pipeline_dirs[kind])
+    stock.load_lora_weights(str(path))
+    assert stock.get_list_adapters() == {"transformer": ["default_0"]}
+    reference = load_pipeline(pipeline_dirs[kind])
+    load_lie_weights(reference, path)
+    remove_adapter(reference.text_encoder, "default")  # the Lie part, which stock diffusers must not apply
+    torch.testing.assert_close(render(stock), render(reference), rtol=0, atol=1e-6)
+    assert (render(stock) - render(load_pipeline(pipeline_dirs[kind]))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_stock_loader_loads_nothing_from_a_lie_only_transformer_file(pipeline_dirs, tmp_path, kind):
+    path = save(adapted_pipeline(pipeline_dirs[kind], None, text_adapter=None), tmp_path)
+    assert read_lie_file(path).section("lora") == []
+    stock = load_pipeline(pipeline_dirs[kind])
+    stock.load_lora_weights(str(path))
+    assert not any(stock.get_list_adapters().values())
+    torch.testing.assert_close(render(stock), render(load_pipeline(pipeline_dirs[kind])), rtol=0, atol=0)
+
+
+def test_files_refuse_another_model_family(pipeline_dirs, tiny_pipeline_dir, tmp_path):
+    files = {kind: save(adapted_pipeline(pipeline_dirs[kind], None, text_adapter=None), tmp_path / kind)
+             for kind in ("flux", "sd3")}
+    unet = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir))
+    add_lie_adapters(unet.unet, LieConfig(rank=2))
+    files["sd1"] = save_lie_weights(tmp_path / "sd1", unet=unet.unet)
+    targets = {"flux": load_pipeline(pipeline_dirs["flux"]), "sd3": load_pipeline(pipeline_dirs["sd3.5"]),
+               "sd1": StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_dir))}
+    errors = {
+        ("flux", "sd3"): r"saved for a FluxTransformer2DModel; this transformer is a SD3Transformer2DModel",
+        ("sd3", "flux"): r"saved for a SD3Transformer2DModel; this transformer is a FluxTransformer2DModel",
+        ("flux", "sd1"): r"holds adapters for \['transformer'\] but the target has only",
+        ("sd1", "flux"): r"holds adapters for \['unet'\] but the target has only",
+    }
+    for (file_kind, model_kind), message in errors.items():
+        target = targets[model_kind]
+        with pytest.raises(ValueError, match=message):
+            load_lie_weights(target, files[file_kind])
+        assert not any(getattr(m, "peft_config", None) for m in target.components.values() if isinstance(m, nn.Module))
+    with pytest.raises(ValueError, match=r"holds adapters for \['transformer'\] but the target has only \['unet'\]"):
+        load_lie_weights(targets["sd1"].unet, files["flux"])  # a bare model is its family's component
+    assert read_lie_file(files["sd3"]).info["fingerprint"]["transformer"]["_class_name"] == "SD3Transformer2DModel"
+
+
+# ------------------------------------------------------------------------------------- pipelines and CLI
+
+
+@pytest.fixture(scope="module")
+def flux_files(pipeline_dirs, tmp_path_factory):
+    """Two Flux adapter files (Lie transformer + LoRA CLIP; Lie on all linear) and what each renders."""
+    root = tmp_path_factory.mktemp("flux-files")
+    a = adapted_pipeline(pipeline_dirs["flux"], None)
+    b = trained(add_lie_adapters(load_pipeline(pipeline_dirs["flux"]).transformer, LieConfig(preset="flux-all-linear",
+                                                                                              rank=3)), seed=5)
+    pipe_b = load_pipeline(pipeline_dirs["flux"])
+    pipe_b.transformer = b
+    return SimpleNamespace(a=save(a, root / "a"), b=save_lie_weights(root / "b", transformer=b), a_out=render(a),
+                           b_out=render(pipe_b), base_out=render(load_pipeline(pipeline_dirs["flux"])))
+
+
+def frozen_weights(pipe):
+    return {f"{c}.{n}".replace(".base_layer", ""): p.detach().clone() for c in ("transformer", "text_encoder")
+            for n, p in getattr(pipe, c).named_parameters() if "lora_" not in n}
+
+
+def test_community_pipelines_load_lie_files(pipeline_dirs, flux_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    # one after the other in one process: diffusers runs every local pipeline.py into one cached module
+    for kind, folder, base in (("flux", "lie_flux", FluxPipeline), ("sd3.5", "lie_stable_diffusion_3",
+                                                                     StableDiffusion3Pipeline),
+                               ("flux", "lie_flux", FluxPipeline)):
+        pipe = DiffusionPipeline.from_pretrained(pipeline_dirs[kind], custom_pipeline=str(REPO / "pipelines" / folder),
+                                                 trust_remote_code=True)
+        assert isinstance(pipe, base) and type(pipe).__name__ == f"Lie{base.__name__}"
+    pipe.load_lie_weights(flux_files.a.parent)
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-6)
+
+
+def test_mixin_methods_and_diffusers_controls_on_flux(pipeline_dirs, flux_files, tmp_path):
+    pipe = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    base = frozen_weights(pipe)
+    pipe.load_lie_weights(flux_files.a)
+    pipe.load_lie_weights(flux_files.b)
+    assert pipe.get_list_adapters() == {"transformer": ["default", "default_1"], "text_encoder": ["default"]}
+    pipe.set_adapters(["default", "default_1"], [1.0, 0.0])
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+    pipe.set_adapters("default_1")
+    torch.testing.assert_close(render(pipe), flux_files.b_out, rtol=0, atol=1e-5)
+    pipe.disable_lora()
+    torch.testing.assert_close(render(pipe), flux_files.base_out, rtol=0, atol=0)
+    pipe.enable_lora()
+
+    # set_adapters(weights) is the strength: W ⊙ exp(0.5·sΔ), the same as loading at scale 0.5
+    pipe.set_adapters(["default"], [0.5])
+    half = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    half.load_lie_weights(flux_files.a, scale=0.5)
+    torch.testing.assert_close(render(pipe), render(half), rtol=0, atol=1e-6)
+    pipe.set_adapters(["default"])
+
+    pipe.fuse_lora(components=["transformer", "text_encoder"])
+    layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    assert layer.merged_adapters == ["default"]
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+    pipe.unfuse_lora(components=["transformer", "text_encoder"])
+    assert not layer.merged
+    for name, weight in frozen_weights(pipe).items():
+        torch.testing.assert_close(weight, base[name], rtol=0, atol=1e-6)
+
+    saved = pipe.save_lie_weights(tmp_path, adapter_name="default")
+    assert read_lie_file(saved).components == ["transformer", "text_encoder"]
+    pipe.delete_adapters("default_1")
+    assert pipe.get_list_adapters() == {"transformer": ["default"], "text_encoder": ["default"]}
+    pipe.merge_lie_weights()
+    assert not any(isinstance(m, LoraLayer) for c in (pipe.transformer, pipe.text_encoder) for m in c.modules())
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+
+    again = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    again.load_lie_weights(saved)
+    torch.testing.assert_close(render(again), flux_files.a_out, rtol=0, atol=0)
+    again.fuse_lie()
+    again.unload_lora_weights()  # the fused effect stays, the adapter layers go
+    assert not any(isinstance(m, LoraLayer) for m in again.transformer.modules())
+    torch.testing.assert_close(render(again), flux_files.a_out, rtol=0, atol=1e-5)
+
+
+def test_sd3_pipeline_save_load_fuse_merge(pipeline_dirs, tmp_path):
+    ours = adapted_pipeline(pipeline_dirs["sd3.5"], "sd3-all")
+    trained(add_lie_adapters(ours.text_encoder_2, LieConfig(rank=2)), seed=3)
+    expected = render(ours)
+    path = save_lie_weights(tmp_path, transformer=ours.transformer, text_encoder=ours.text_encoder,
+                            text_encoder_2=ours.text_encoder_2)
+    pipe = LieStableDiffusion3Pipeline(**load_pipeline(pipeline_dirs["sd3.5"]).components)
+    pipe.load_lie_weights(path)
+    assert pipe.get_list_adapters() == {c: ["default"] for c in ("transformer", "text_encoder", "text_encoder_2")}
+    torch.testing.assert_close(render(pipe), expected, rtol=0, atol=0)
+    pipe.fuse_lie()
+    torch.testing.assert_close(render(pipe), expected, rtol=0, atol=1e-5)
+    pipe.unfuse_lie()
+    pipe.merge_lie_weights()
+    assert type(pipe.transformer.pos_embed.proj) is nn.Conv2d and not hasattr(pipe.transformer, "peft_config")
+    torch.testing.assert_close(render(pipe), expected, rtol=0, atol=1e-5)
+
+
+def test_cli_merge_inspect_combine_on_flux_and_sd3(pipeline_dirs, flux_files, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    assert cli.main(["merge", "--base", str(pipeline_dirs["flux"]), "--weights", str(flux_files.a),
+                     "--output", str(merged)]) == 0
+    pipe = load_pipeline(merged)
+    assert isinstance(pipe, FluxPipeline)
+    assert not any(isinstance(m, LoraLayer) for m in pipe.transformer.modules())
+    torch.testing.assert_close(render(pipe), flux_files.a_out, rtol=0, atol=1e-5)
+
+    capsys.readouterr()
+    assert cli.main(["inspect", str(flux_files.a)]) == 0
+    report = capsys.readouterr().out
+    assert "Base FluxTransformer2DModel: attention_head_dim=16" in report and "lie.transformer.*" in report
+
+    combined = tmp_path / "combined.safetensors"
+    assert cli.main(["combine", str(flux_files.a), str(flux_files.b), "--weights", "1", "0.5",
+                     "--output", str(combined)]) == 0
+    both = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    both.load_lie_weights(flux_files.a, adapter_name="a")
+    both.load_lie_weights(flux_files.b, adapter_name="b")
+    both.set_adapters(["a", "b"], [1.0, 0.5])
+    one = LieFluxPipeline(**load_pipeline(pipeline_dirs["flux"]).components)
+    one.load_lie_weights(combined)
+    torch.testing.assert_close(render(one), render(both), rtol=0, atol=1e-5)
+
+    sd3 = save(adapted_pipeline(pipeline_dirs["sd3"], None, text_adapter=None), tmp_path / "sd3")
+    capsys.readouterr()
+    assert cli.main(["combine", str(flux_files.a), str(sd3), "--output", str(tmp_path / "mixed.safetensors")]) == 1
+    assert "made for different base models" in capsys.readouterr().err
+    assert cli.main(["merge", "--base", str(pipeline_dirs["sd3"]), "--weights", str(flux_files.a),
+                     "--output", str(tmp_path / "wrong")]) == 1
+    assert "saved for a FluxTransformer2DModel" in capsys.readouterr().err
