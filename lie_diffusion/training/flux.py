@@ -11,7 +11,7 @@ from diffusers import FluxPipeline
 from .model_card import ModelFamily
 
 FAMILY = ModelFamily("Flux.1", "FluxPipeline", ("flux", "flux-diffusers", "template:sd-lora"), "dreambooth-lie-flux",
-                     denoiser="transformer")
+                     denoiser="transformer", dtype="bfloat16")
 
 
 class PromptEncoder:

@@ -19,6 +19,7 @@ class ModelFamily:
     tags: tuple[str, ...]
     tracker: str  # accelerate's project name for the trackers
     denoiser: str = "unet"  # the component the adapters train on: "unet" or "transformer"
+    dtype: str = "float16"  # the usage snippet's torch dtype (the one the family is run in)
 
 
 def _adapters(args, family):
@@ -76,7 +77,7 @@ import torch
 from diffusers import {family.pipeline_class}
 from lie_diffusion import load_lie_weights, merge_lie_weights
 
-pipe = {family.pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.float16).to("cuda")
+pipe = {family.pipeline_class}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.{family.dtype}).to("cuda")
 load_lie_weights(pipe, "{args.output_dir}")  # the folder holding {WEIGHT_NAME}
 image = pipe("{prompt}", num_inference_steps=25).images[0]
 

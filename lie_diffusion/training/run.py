@@ -47,7 +47,7 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
-    check_sharding(accelerator)
+    check_sharding(args, accelerator)
     # Data first: a bad folder should fail in a second, not after the models have loaded.
     instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
     if not instance_images:

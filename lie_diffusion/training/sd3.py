@@ -11,7 +11,7 @@ import torch
 from .model_card import ModelFamily
 
 FAMILY = ModelFamily("Stable Diffusion 3", "StableDiffusion3Pipeline", ("sd3", "sd3-diffusers", "template:sd-lora"),
-                     "dreambooth-lie-sd3", denoiser="transformer")
+                     "dreambooth-lie-sd3", denoiser="transformer", dtype="bfloat16")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 

@@ -17,11 +17,17 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_sharding(accelerator) -> None:
-    """Only FSDP2 shards parameters as tensors these helpers read; FSDP1 flattens them."""
-    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
+def check_sharding(args, accelerator) -> None:
+    """Only FSDP2 shards parameters as tensors these helpers read (FSDP1 flattens them), and Accelerate's FSDP2
+    prepares one model: the denoiser."""
+    if not is_sharded(accelerator):
+        return
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise TrainingError("FSDP training needs FSDP version 2: set fsdp_version: 2 in the accelerate config "
                             "(or FSDP_VERSION=2).")
+    if args.train_text_encoder:
+        raise TrainingError("--train_text_encoder does not go with FSDP: Accelerate's FSDP2 shards one model, the "
+                            "denoiser. Train the text encoder adapters without FSDP, or leave the flag out.")
 
 
 @torch.no_grad()
