@@ -9,6 +9,8 @@ reading of its diffusers original that picks from here what it needs.
     loop          the training loop, validation images, the final save
     model_card    the README.md left in the output folder
     flow          flow matching (Flux, SD3): timestep densities, noisy latents, loss weightings
+    prompts       prompt encodings of the CLIP + T5 families, cached where nothing trains
+    sharding      what saving and resuming need under Accelerate's FSDP2
     sd, sdxl,     what is particular to a model family: how its prompts are encoded, how it is conditioned,
     flux, sd3     how its latents are laid out
 

@@ -3,53 +3,26 @@ latents are packed into 2x2 patches with their positions; FLUX.1-dev is distille
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import FluxPipeline
 
 from .model_card import ModelFamily
+from .prompts import ClipT5Prompts
 
 FAMILY = ModelFamily("Flux.1", "FluxPipeline", ("flux", "flux-diffusers", "template:sd-lora"), "dreambooth-lie-flux",
                      denoiser="transformer", dtype="bfloat16")
 
 
-class PromptEncoder:
-    """(T5 token embeddings, CLIP pooled embedding, text position ids) of a batch's prompts.
+class PromptEncoder(ClipT5Prompts):
+    """(T5 token embeddings, CLIP pooled embedding, text position ids) of a batch's prompts."""
 
-    The T5 embeddings of each distinct prompt are computed once for the run (T5 is frozen); the pooled one
-    too, unless the CLIP encoder trains (`cache=False`)."""
-
-    def __init__(self, tokenizers, device, max_sequence_length, cache):
-        self.tokenizers, self.device, self.max_sequence_length = tokenizers, device, max_sequence_length
-        self.cache, self.pooled_cache, self.t5_cache = cache, {}, {}
-
-    def _ids(self, tokenizer, prompt, length):
-        return tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
-
-    @functools.cache
-    def clip_ids(self, prompt):
-        return self._ids(self.tokenizers[0], prompt, self.tokenizers[0].model_max_length)
-
-    def _pooled(self, clip, prompt):
-        if prompt in self.pooled_cache:
-            return self.pooled_cache[prompt]
-        pooled = clip(self.clip_ids(prompt), output_hidden_states=False).pooler_output
-        if self.cache:
-            self.pooled_cache[prompt] = pooled
-        return pooled
-
-    @torch.no_grad()
-    def _t5(self, t5, prompt):
-        if prompt not in self.t5_cache:
-            self.t5_cache[prompt] = t5(self._ids(self.tokenizers[1], prompt, self.max_sequence_length))[0]
-        return self.t5_cache[prompt]
+    def encode_clip(self, clips, ids):
+        return clips[0](ids[0], output_hidden_states=False).pooler_output
 
     def __call__(self, text_encoders, prompts, dtype):
         clip, t5 = text_encoders
-        prompt_embeds = torch.cat([self._t5(t5, prompt) for prompt in prompts])
-        pooled = torch.cat([self._pooled(clip, prompt) for prompt in prompts])
+        prompt_embeds = torch.cat([self.t5(t5, prompt) for prompt in prompts])
+        pooled = torch.cat([self.clip([clip], prompt) for prompt in prompts])
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=dtype)
         return prompt_embeds, pooled, text_ids
 

@@ -24,13 +24,13 @@ class ModelFamily:
 
 def _adapters(args, family):
     """Which layers carry which adapter, in words."""
-    mode = f"`--lie_mode {args.lie_mode}`, W' = W ⊙ exp(Δ)"
     if family.denoiser == "unet":
+        mode = f"`--lie_mode {args.lie_mode}`, W' = W ⊙ exp(Δ)"
         return (f"The UNet's\nconvolutions carry Lie adapters ({mode}); attention layers carry\n"
                 f"`{args.attn_adapter}` adapters.")
-    preset = args.target_preset or "the model's default"
-    return (f"The transformer's Linear layers\n(target preset: {preset}) carry "
-            f"{args.attn_adapter or 'Lie'} adapters ({mode}).")
+    rule = "W' = W ⊙ exp(Δ)" if args.lie_mode == "exp" else "W' = W + W ⊙ Δ"
+    kind = "LoRA adapters" if args.attn_adapter == "lora" else f"Lie adapters (`--lie_mode {args.lie_mode}`, {rule})"
+    return f"The transformer's Linear layers\n(target preset: {args.target_preset}) carry {kind}."
 
 
 def save_model_card(args, images, family, components):
