@@ -176,7 +176,7 @@ def test_flux_captions_prior_text_encoder_resume_and_load(tiny_flux_dir, images,
     assert _max_difference(a, load_weights(straight / "checkpoint-2")) > 1e-4  # steps 3-4 trained
 
 
-def test_sd3_trains_resumes_exactly_and_loads(tiny_sd35_dir, images, tmp_path):
+def test_sd3_trains_resumes_exactly_recomputes_and_loads(tiny_sd35_dir, images, tmp_path):
     extra = ["--train_text_encoder", "--checkpointing_steps", "2", "--weighting_scheme", "mode",
              "--target_preset", "sd3-all-linear", "--caption_extension", "txt"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -190,6 +190,11 @@ def test_sd3_trains_resumes_exactly_and_loads(tiny_sd35_dir, images, tmp_path):
     train_sd3.main(train_sd3.parse_args(_flags(tiny_sd35_dir, images, resumed, 4, *extra,
                                                "--resume_from_checkpoint", "checkpoint-2")))
     assert _max_difference(load_weights(straight), load_weights(resumed)) == 0.0
+
+    # Gradient checkpointing recomputes the same steps.
+    recomputed = tmp_path / "recomputed"
+    train_sd3.main(train_sd3.parse_args(_flags(tiny_sd35_dir, images, recomputed, 2, *extra, "--gradient_checkpointing")))
+    assert _max_difference(load_weights(straight / "checkpoint-2"), load_weights(recomputed)) == 0.0
 
     # The velocity target (no preconditioning) trains too, to other weights.
     other = tmp_path / "velocity"
