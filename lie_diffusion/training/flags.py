@@ -73,8 +73,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--lie_mode", type=str, default="exp", choices=["exp", "taylor"],
                         help="Lie update: 'exp' (W ⊙ exp Δ, the group update) or 'taylor' (W + W ⊙ Δ).")
     parser.add_argument("--attn_adapter", type=str, default="lora", choices=["lora", "lie", "none"],
-                        help="Adapter on a UNet's attention projections or a transformer's targeted Linear layers, and on "
-                             "the text encoders. Default: lora on a UNet, the --target_preset's (lie) on a transformer.")
+                        help="Adapter on a UNet's attention projections or a transformer's targeted Linear layers, "
+                             "and on the text encoders. Default: lora on a UNet, the --target_preset's (lie) on a "
+                             "transformer.")
     parser.add_argument("--lie_balance", type=str, default="rms", choices=["rms", "none"],
                         help="Scale of each Lie adapter: 'rms' divides its alpha by the RMS of its kernel, so one "
                              "learning rate moves Lie and LoRA weights alike; 'none': alpha / rank, as in LoRA.")
@@ -84,8 +85,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--conv_targets", type=str, default=None,
                         help="Comma-separated regexes matched against the end of Conv2d module names.")
     parser.add_argument("--attn_targets", type=str, default=None,
-                        help="Comma-separated regexes matched against the end of attention (UNet) or any Linear (transformer) "
-                             "module names.")
+                        help="Comma-separated regexes matched against the end of attention (UNet) or any Linear "
+                             "(transformer) module names.")
     parser.add_argument("--adapter_dropout", "--lora_dropout", type=float, default=0.0, help="Adapter dropout.")
     # Text encoder
     parser.add_argument("--train_text_encoder", action="store_true", help=f"Also train adapters on {text_encoders}.")
@@ -157,8 +158,9 @@ def add_transformer_arguments(parser: argparse.ArgumentParser, family: str) -> N
     original that differ from the UNet scripts'. `family`: "flux" or "sd3"."""
     presets = [name for name, preset in PRESETS.items() if preset.family == family]
     default = next(name for name in DEFAULT_PRESETS.values() if name in presets)
+    described = "; ".join(f"{name}: {PRESETS[name].description}" for name in presets)
     parser.add_argument("--target_preset", type=str, default=default, choices=presets,
-                        help=f"Which layers get adapters: {'; '.join(f'{n}: {PRESETS[n].description}' for n in presets)}. "
+                        help=f"Which layers get adapters: {described}. "
                              f"Default {default!r} (diffusers' targets; provisional until measured). "
                              "--attn_targets / --conv_targets replace its choice.")
     parser.set_defaults(
