@@ -66,15 +66,15 @@ def killing_step(self, *args, **kwargs):
     return result
 torch.optim.AdamW.step = killing_step
 
-import lie_diffusion.training as training
-save_state = training.save_state_file
+import lie_diffusion.training.checkpoints as checkpoints
+save_state = checkpoints.save_state_file
 def killing_save_state(path, tree):
     save_state(path, tree)
     if due("state_save"):
         with open(path, "r+b") as file:  # a torn file: half of it on disk
             file.truncate(os.path.getsize(path) // 2)
         die()
-training.save_state_file = killing_save_state
+checkpoints.save_state_file = killing_save_state
 
 for name, kind in (("fsync", "fsync"), ("replace", "replace")):
     original = getattr(os, name)

@@ -159,7 +159,7 @@ def record_batches(monkeypatch):
         batches.append([(_colour_of(p), prompt) for p, prompt in zip(batch["pixel_values"], batch["prompts"])])
         return batch
 
-    monkeypatch.setattr(training, "collate_fn", collate)
+    monkeypatch.setattr(training.run, "collate_fn", collate)  # the name build_dataloader reads
     return batches
 
 

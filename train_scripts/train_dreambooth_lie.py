@@ -14,7 +14,6 @@ the UNet's convolutions get Lie adapters (W' = W ⊙ exp(Δ)) and its attention 
 """
 
 import argparse
-import functools
 import sys
 
 import torch
@@ -24,10 +23,7 @@ from transformers import AutoTokenizer
 from lie_diffusion import training
 # Also reached through this module by the tests and by code that imports the script.
 from lie_diffusion.training import DreamBoothDataset, TrainingError, adapter_config, load_rgb  # noqa: F401
-
-FAMILY = training.ModelFamily(
-    "Stable Diffusion", "DiffusionPipeline", ("stable-diffusion", "stable-diffusion-diffusers"), "dreambooth-lie"
-)
+from lie_diffusion.training.sd import FAMILY, PromptEncoder
 
 
 def parse_args(input_args=None):
@@ -64,14 +60,9 @@ def main(args):
     vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     trained_models = training.add_adapters(args, accelerator, unet, [text_encoder])
     adapted_models = dict(zip(["unet", "text_encoder"], trained_models))
-    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
+    optimizer = training.build_optimizer(args, accelerator, trained_models)
 
-    # Each image's prompt (its caption, or the instance / class prompt) comes with the batch; tokenize each once.
-    @functools.cache
-    def tokenize(prompt):
-        return tokenizer(
-            prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(accelerator.device)
+    encode_prompts = PromptEncoder(tokenizer, accelerator.device)  # each image's caption, or the prompt of its role
 
     train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_data, class_data)
     lr_scheduler = training.build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
@@ -91,9 +82,8 @@ def main(args):
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
-        input_ids = torch.cat([tokenize(prompt) for prompt in batch["prompts"]])
         with torch.set_grad_enabled(args.train_text_encoder):
-            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            encoder_hidden_states = encode_prompts(text_encoder, batch["prompts"])
 
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         target = training.noise_target(noise_scheduler, latents, noise, timesteps)
@@ -106,7 +96,7 @@ def main(args):
         )
 
     global_step = training.train_loop(
-        args, accelerator, FAMILY, adapted_models=adapted_models, params=params_to_optimize, optimizer=optimizer,
+        args, accelerator, FAMILY, adapted_models=adapted_models, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline,
     )

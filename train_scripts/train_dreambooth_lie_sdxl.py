@@ -14,31 +14,21 @@ or nothing: `--attn_adapter`); `--train_text_encoder` adapts both text encoders.
       --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
       --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir lie-dog-sdxl
 
-What both DreamBooth scripts share (data, checkpoints, the loop) is in `lie_diffusion/training.py`.
+What the DreamBooth scripts share (data, checkpoints, the loop) is in `lie_diffusion/training/`, what is particular
+to SDXL in `lie_diffusion/training/sdxl.py`.
 """
 
 import argparse
-import functools
 import sys
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    EDMEulerScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import AutoTokenizer
 
 from lie_diffusion import training
 from lie_diffusion.training import TrainingError
-
-FAMILY = training.ModelFamily(
-    "Stable Diffusion XL", "StableDiffusionXLPipeline", ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"),
-    "dreambooth-lie-sdxl",
-)
+from lie_diffusion.training import sdxl
+from lie_diffusion.training.sdxl import FAMILY, TEXT_ENCODERS, check_sdxl_model
 
 
 def parse_args(input_args=None):
@@ -65,20 +55,6 @@ def parse_args(input_args=None):
     return args
 
 
-def check_sdxl_model(args):
-    """An SD 1.x/2.x folder would fail deep inside model loading: say so in one line, first."""
-    try:
-        index = StableDiffusionXLPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
-    except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split())
-        raise TrainingError(f"cannot read the pipeline {args.pretrained_model_name_or_path}: {reason}") from None
-    if not {"text_encoder_2", "tokenizer_2"} <= index.keys():
-        raise TrainingError(
-            f"{args.pretrained_model_name_or_path} is not an SDXL pipeline (no text_encoder_2 / tokenizer_2); "
-            "train SD 1.x/2.x models with train_dreambooth_lie.py."
-        )
-
-
 def main(args):
     check_sdxl_model(args)
 
@@ -102,18 +78,8 @@ def main(args):
         AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=name, revision=args.revision)
         for name in ("tokenizer", "tokenizer_2")
     ]
-    scheduler_config = DDPMScheduler.load_config(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
-    )
-    edm_model = "EDM" in scheduler_config["_class_name"]
-    scheduler_class = EDMEulerScheduler if edm_model else DDPMScheduler
-    if args.do_edm_style_training and not edm_model:
-        scheduler_class = EulerDiscreteScheduler
-    args.do_edm_style_training = args.do_edm_style_training or edm_model
-    if edm_model and args.snr_gamma is not None:
-        raise TrainingError(f"{args.pretrained_model_name_or_path} is an EDM model: --snr_gamma does not apply.")
-    noise_scheduler = scheduler_class.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    text_encoders = [training.load_text_encoder(args, name) for name in ("text_encoder", "text_encoder_2")]
+    noise_scheduler, edm_model = sdxl.noise_scheduler(args)
+    text_encoders = [training.load_text_encoder(args, name) for name in TEXT_ENCODERS]
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
     else:
@@ -125,53 +91,16 @@ def main(args):
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     vae.requires_grad_(False).to(accelerator.device, dtype=vae_dtype)
     trained_models = training.add_adapters(args, accelerator, unet, text_encoders)
-    adapted_models = dict(zip(["unet", "text_encoder", "text_encoder_2"], trained_models))
-    optimizer, params_to_optimize = training.build_optimizer(args, accelerator, trained_models)
+    adapted_models = dict(zip(["unet", *TEXT_ENCODERS], trained_models))
+    optimizer = training.build_optimizer(args, accelerator, trained_models)
 
     latents_mean = latents_std = None
     if getattr(vae.config, "latents_mean", None) is not None:
         latents_mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(accelerator.device)
         latents_std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(accelerator.device)
 
-    # Each image's prompt (its caption, or the instance / class prompt) comes with the batch. Each distinct
-    # prompt of a batch is encoded once; without text encoder training, once for the whole run.
-    @functools.cache
-    def tokenize(prompt):
-        return [
-            tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(accelerator.device)
-            for tokenizer in tokenizers
-        ]
-
-    def encode(ids_pair):
-        """SDXL's text conditioning: both encoders' penultimate hidden states side by side, and the
-        second encoder's projected pooled embedding."""
-        hidden = []
-        for text_encoder, ids in zip(text_encoders, ids_pair):
-            output = text_encoder(ids, output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-        return torch.cat(hidden, dim=-1), output.text_embeds
-
-    cached_embeddings = {}
-
-    def embeddings(prompts):
-        """(hidden states, pooled) for a batch, one row per prompt."""
-        encoded = {}
-        for prompt in dict.fromkeys(prompts):  # distinct, in batch order
-            encoded[prompt] = cached_embeddings[prompt] if prompt in cached_embeddings else encode(tokenize(prompt))
-        if not args.train_text_encoder:
-            cached_embeddings.update(encoded)
-        hidden = torch.cat([encoded[prompt][0] for prompt in prompts])
-        pooled = torch.cat([encoded[prompt][1] for prompt in prompts])
-        return hidden, pooled
-
-    def time_ids(size_crops):
-        """SDXL's micro-conditioning per image: original (h, w), crop (top, left), target (h, w)."""
-        ids = size_crops.clone()
-        if args.crops_coords_top_left_h is not None:
-            ids[:, 2:] = torch.tensor([args.crops_coords_top_left_h, args.crops_coords_top_left_w])
-        target = torch.tensor([args.resolution, args.resolution]).expand(len(ids), 2)
-        return torch.cat([ids, target], dim=1).to(accelerator.device, dtype=weight_dtype)
+    # Each image's prompt (its caption, or the instance / class prompt) comes with the batch.
+    encode_prompts = sdxl.PromptEncoder(tokenizers, accelerator.device, cache=not args.train_text_encoder)
 
     train_dataset, train_dataloader = training.build_dataloader(args, accelerator, instance_data, class_data)
     lr_scheduler = training.build_lr_scheduler(args, accelerator, optimizer, train_dataloader)
@@ -202,29 +131,19 @@ def main(args):
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         model_input = noisy_latents
         if args.do_edm_style_training:
-            if edm_model:
-                model_input = noise_scheduler.precondition_inputs(noisy_latents, sigmas)
-            else:
-                model_input = noisy_latents / (sigmas**2 + 1) ** 0.5
+            model_input = sdxl.edm_inputs(noise_scheduler, edm_model, noisy_latents, sigmas)
 
         with torch.set_grad_enabled(args.train_text_encoder):
-            prompt_embeds, pooled = embeddings(batch["prompts"])
-        conditions = {"text_embeds": pooled, "time_ids": time_ids(batch["size_crops"])}
+            prompt_embeds, pooled = encode_prompts(text_encoders, batch["prompts"])
+        size_crops = sdxl.time_ids(args, batch["size_crops"], accelerator.device, weight_dtype)
+        conditions = {"text_embeds": pooled, "time_ids": size_crops}
         model_pred = unet(model_input, timesteps, prompt_embeds, added_cond_kwargs=conditions, return_dict=False)[0]
 
         if not args.do_edm_style_training:
             target = training.noise_target(noise_scheduler, latents, noise, timesteps)
             return training.denoising_loss(args, noise_scheduler, model_pred, target, timesteps, with_prior)
         # EDM: turn the prediction into an estimate of the clean latents, the target.
-        weighting = None
-        if edm_model:
-            model_pred = noise_scheduler.precondition_outputs(noisy_latents, model_pred, sigmas)
-        else:
-            if noise_scheduler.config.prediction_type == "epsilon":
-                model_pred = model_pred * (-sigmas) + noisy_latents
-            else:  # v_prediction
-                model_pred = model_pred * (-sigmas / (sigmas**2 + 1) ** 0.5) + noisy_latents / (sigmas**2 + 1)
-            weighting = sigmas**-2.0
+        model_pred, weighting = sdxl.edm_clean_estimate(noise_scheduler, edm_model, noisy_latents, model_pred, sigmas)
         return training.denoising_loss(args, noise_scheduler, model_pred, latents, timesteps, with_prior, weighting)
 
     validation_kwargs = {}
@@ -239,7 +158,7 @@ def main(args):
         )
 
     global_step = training.train_loop(
-        args, accelerator, FAMILY, adapted_models=adapted_models, params=params_to_optimize, optimizer=optimizer,
+        args, accelerator, FAMILY, adapted_models=adapted_models, optimizer=optimizer,
         lr_scheduler=lr_scheduler, dataset=train_dataset, dataloader=train_dataloader, compute_loss=compute_loss,
         validation_pipeline=validation_pipeline, validation_kwargs=validation_kwargs,
     )
