@@ -36,6 +36,11 @@ HUB_MODELS = {
     "runwayml/stable-diffusion-v1-5": "sd1",
     "stabilityai/stable-diffusion-2-1": "sd2",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "black-forest-labs/FLUX.1-dev": "flux",
+    "black-forest-labs/FLUX.1-schnell": "flux",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "stabilityai/stable-diffusion-3.5-large": "sd3.5",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3.5",
 }
 # Local names the blocks use for a base pipeline (as a user's own folder would be), and their kind.
 LOCAL_PIPELINES = {"path/to/base": "sd1", "tiny-sdxl": "sdxl"}
@@ -101,7 +106,7 @@ def test_not_run_markers_give_a_reason():
 
 
 def _adapter(pipeline_dir: Path, out: Path, seed: int) -> None:
-    """A small nonzero Lie adapter (convs) + LoRA (attention) on the UNet and every text encoder."""
+    """A small nonzero adapter (the model's default targets) on the UNet or transformer and every CLIP encoder."""
     from diffusers import DiffusionPipeline
 
     from lie_diffusion import LieConfig, add_lie_adapters, save_lie_weights
@@ -109,13 +114,14 @@ def _adapter(pipeline_dir: Path, out: Path, seed: int) -> None:
     pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir))
     encoders = {k: getattr(pipe, k) for k in ("text_encoder", "text_encoder_2") if getattr(pipe, k, None) is not None}
     generator = torch.Generator().manual_seed(seed)
-    for model in (pipe.unet, *encoders.values()):
+    denoiser = {k: getattr(pipe, k) for k in ("unet", "transformer") if getattr(pipe, k, None) is not None}
+    for model in (*denoiser.values(), *encoders.values()):
         add_lie_adapters(model, LieConfig(rank=2))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
-    save_lie_weights(out, unet=pipe.unet, **encoders)
+    save_lie_weights(out, **denoiser, **encoders)
 
 
 def _locon_style(pipeline_dir: Path, out: Path) -> None:
