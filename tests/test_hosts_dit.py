@@ -151,13 +151,17 @@ def host_key_map(model, prefix="diffusion_model."):
     return key_map
 
 
-def lie_file(model, modules, tmp_path, mode="exp", scale=0.3, rank=2, **fingerprint):
+def lie_file(model, modules, tmp_path, mode="exp", scale=0.3, rank=2, lora=(), **fingerprint):
+    """An adapter for `modules` of `model` (in the LoRA section: those in `lora`); "mixed": every fourth taylor."""
     generator = torch.Generator().manual_seed(5)
     entries = []
     for k, module in enumerate(modules):
         weight = linears(model)[module].weight
         A = torch.randn(rank, *weight.shape[1:], generator=generator) * scale
         B = torch.randn(weight.shape[0], rank, *[1] * (weight.ndim - 2), generator=generator) * scale
+        if module in lora:
+            entries.append(ModuleEntry("transformer", module, "lora", A, B, alpha=1.5 + k % 3, mode=None))
+            continue
         entries.append(ModuleEntry("transformer", module, "lie", A, B, alpha=1.5 + k % 3,
                                    mode="taylor" if mode == "taylor" or (mode == "mixed" and k % 4 == 1) else "exp"))
     config = {**dict(model.config), **fingerprint}
@@ -168,9 +172,12 @@ def lie_file(model, modules, tmp_path, mode="exp", scale=0.3, rank=2, **fingerpr
 
 
 def reference(weight, entry, strength):
-    """W ⊙ exp(t·sΔ) (exp) or W + t·s·W ⊙ Δ (taylor), Δ = reshape(B_flat @ A_flat), s = alpha/rank, in float64."""
+    """W ⊙ exp(t·sΔ) (exp) or W + t·s·W ⊙ Δ (taylor), Δ = reshape(B_flat @ A_flat), s = alpha/rank, in float64;
+    W + t·sΔ for a LoRA-section module."""
     delta = (entry.B.double().flatten(1) @ entry.A.double().flatten(1)).reshape(weight.shape)
     t = strength * entry.alpha / entry.rank
+    if entry.section == "lora":
+        return weight.double() + t * delta
     return weight.double() * (torch.exp(t * delta) if entry.mode == "exp" else 1 + t * delta)
 
 
