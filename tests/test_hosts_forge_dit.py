@@ -1,0 +1,143 @@
+"""Opt-in: the Forge extension on a Flux.1 transformer, against a real Forge checkout (LIE_FORGE_DIR).
+
+Forge's own code: its Flux class (`backend.nn.flux.IntegratedFluxTransformer2DModel`, BFL's layout), its Flux key
+map (diffusers names → rows of fused weights, `model_lora_keys_unet`), its `load_lora` for the file's LoRA section
+and a plain Flux LoRA, `ModelPatcher`, and `LoraLoader.refresh`, which applies every patch through
+`merge_lora_to_weight` and the registered `extra_weight_calculators["lie"]`. The tiny diffusers Flux weights are
+placed into Forge's model through Forge's own diffusers map. Compared per module with the formula.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_hosts_comfyui_dit import LORA_SECTION, PLAIN_TARGET, assert_same, diffusers_model, module_weights
+from test_hosts_dit import lie_file, linears, reference
+from test_hosts_forge import CPU, FORGE, forge  # noqa: F401  (the Forge fixture)
+
+pytestmark = pytest.mark.skipif(not FORGE, reason="set LIE_FORGE_DIR to a Forge checkout to run these")
+
+
+@pytest.fixture(scope="module")
+def setup(forge, tmp_path_factory):  # noqa: F811
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from packages_3rdparty.comfyui_lora_collection.utils import flux_to_diffusers
+
+    model = diffusers_model("flux")
+    config = model.config
+    unet_config = dict(in_channels=config.in_channels // 4, vec_in_dim=config.pooled_projection_dim,
+                       context_in_dim=config.joint_attention_dim, mlp_ratio=4.0,
+                       hidden_size=config.num_attention_heads * config.attention_head_dim,
+                       num_heads=config.num_attention_heads, depth=config.num_layers,
+                       depth_single_blocks=config.num_single_layers, axes_dim=list(config.axes_dims_rope),
+                       theta=10000, qkv_bias=True, guidance_embed=True)
+    kmodel = torch.nn.Module()  # what Forge's key maps read of its KModel
+    kmodel.diffusion_model = IntegratedFluxTransformer2DModel(**unet_config)
+    kmodel.diffusion_model.config = unet_config  # as Forge's loader sets it
+    kmodel.config = SimpleNamespace(huggingface_repo="black-forest-labs/FLUX.1-dev")
+    to_forge = flux_to_diffusers(unet_config, output_prefix="")  # Forge's own diffusers -> BFL map
+    state = {k: torch.empty_like(v) for k, v in kmodel.diffusion_model.state_dict().items()}
+    for key, value in model.state_dict().items():
+        target = to_forge[key]
+        if isinstance(target, str):
+            state[target].copy_(value)
+        else:
+            name, offset, *function = target
+            rows = state[name] if offset is None else state[name].narrow(*offset)
+            rows.copy_(function[0](value) if function else value)
+    kmodel.diffusion_model.load_state_dict(state, strict=True)
+    patcher = forge.ModelPatcher(kmodel, load_device=CPU, offload_device=CPU)
+    tmp = tmp_path_factory.mktemp("forge-flux")
+    adapter = lie_file(model, list(linears(model)), tmp, mode="mixed", lora=LORA_SECTION["flux"])
+    path = tmp / "adapter.safetensors"
+    to_model = {k: v for k, v in flux_to_diffusers(unet_config, output_prefix="diffusion_model.").items()
+                if k.endswith(".weight")}
+    base = {m: layer.weight.detach().clone() for m, layer in linears(model).items()}
+    return SimpleNamespace(model=model, patcher=patcher, adapter=adapter, path=path, base=base, to_model=to_model)
+
+
+def load(forge, setup, patcher, strength):  # noqa: F811
+    """The extension's load_lie_for_models, its file read as a LieFile (the model-only call Forge makes)."""
+    from lie_diffusion.hosts import patch_targets
+
+    ext = forge.extension
+    keys = forge.lora.model_lora_keys_unet(patcher.model, {})
+
+    def add(target, patches, strength):
+        clone = target.clone()
+        clone.add_patches(filename=str(setup.path), patches=patches, strength_patch=strength)
+        return clone
+
+    def load_lora_section(lora, to_load):
+        patches, unmatched = forge.lora.load_lora(lora, to_load)
+        assert not unmatched
+        return patches
+
+    targets = [(patcher, ("unet", "transformer"), keys, patcher.model.state_dict(), strength)]
+    return patch_targets(setup.adapter, targets, load_lora_section, ext.lie_patch, add)[id(patcher)]
+
+
+def applied(setup, patcher):
+    """Forge's weights after LoraLoader.refresh applies the patches, by diffusers module."""
+    patcher.refresh_loras()
+    try:
+        return module_weights(setup.to_model, patcher.model.state_dict())
+    finally:
+        patcher.lora_loader.refresh(lora_patches={}, force_refresh=True)
+
+
+def expected(setup, strength, base=None):
+    base = dict(base or setup.base)
+    for entry in setup.adapter.modules:
+        base[entry.module] = reference(base[entry.module], entry, strength).float()
+    return base
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_extension_patches_every_flux_module_exactly(forge, setup, strength):  # noqa: F811
+    model = load(forge, setup, setup.patcher, strength)
+    got = applied(setup, model)
+    assert_same(got, expected(setup, strength))
+    assert any(not torch.equal(got[m], setup.base[m]) for m in setup.base)
+    assert not setup.patcher.lora_patches
+
+
+@pytest.mark.parametrize("order", ["lora first", "lie first"])
+def test_chained_with_a_plain_flux_lora_loaded_by_forge(forge, setup, order):  # noqa: F811
+    target = PLAIN_TARGET["flux"]
+    weight = setup.base[target]
+    generator = torch.Generator().manual_seed(9)
+    down, up = torch.randn(2, weight.shape[1], generator=generator) * 0.2, torch.randn(weight.shape[0], 2,
+                                                                                         generator=generator) * 0.2
+    keys = forge.lora.model_lora_keys_unet(setup.patcher.model, {})
+    stem = f"transformer.{target}"
+    patches, unmatched = forge.lora.load_lora({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up},
+                                              {stem: keys[stem]})
+    assert not unmatched and isinstance(keys[stem], tuple)  # a row slice of single_blocks.0.linear1
+
+    def plain(model):
+        clone = model.clone()
+        clone.add_patches(filename="plain", patches=patches, strength_patch=0.7)
+        return clone
+
+    model = setup.patcher
+    for step in (plain, lambda m: load(forge, setup, m, 0.5)) if order == "lora first" else (
+            lambda m: load(forge, setup, m, 0.5), plain):
+        model = step(model)
+    update = 0.7 * up @ down
+    if order == "lora first":
+        want = expected(setup, 0.5, {**setup.base, target: setup.base[target] + update})
+    else:
+        want = expected(setup, 0.5)
+        want[target] = want[target] + update
+    assert_same(applied(setup, model), want)
+
+
+def test_an_sd3_file_is_refused_naming_it(forge, setup):  # noqa: F811
+    sd3 = diffusers_model("sd3.5")
+    wrong = lie_file(sd3, list(linears(sd3))[:4], setup.path.parent)
+    setup_wrong = SimpleNamespace(**{**vars(setup), "adapter": wrong})
+    with pytest.raises(ValueError, match=r"adapter.safetensors: does not fit this model \(the file was saved for "
+                                         r"a SD3 transformer"):
+        load(forge, setup_wrong, setup.patcher, 1.0)
+    assert not setup.patcher.lora_patches
