@@ -205,13 +205,15 @@ class CheckpointSlot:
 
 
 def dit_family(transformer_config) -> str:
-    """"flux" (FluxTransformer2DModel: single-stream blocks) or "sd3" (SD3Transformer2DModel: a patch embedding)."""
-    if "num_single_layers" in transformer_config:
+    """"flux" (FluxTransformer2DModel: single-stream blocks) or "sd3" (SD3Transformer2DModel: a caption projection),
+    from a model's config or a file's fingerprint of it."""
+    name = transformer_config.get("_class_name")
+    if name == "FluxTransformer2DModel" or (name is None and "num_single_layers" in transformer_config):
         return "flux"
-    if "pos_embed_max_size" in transformer_config:
+    if name == "SD3Transformer2DModel" or (name is None and "caption_projection_dim" in transformer_config):
         return "sd3"
-    raise ValueError("not the config of a Flux.1 or SD3/SD3.5 transformer (neither num_single_layers nor "
-                     "pos_embed_max_size in it).")
+    raise ValueError(f"not the config of a Flux.1 or SD3/SD3.5 transformer ({name or 'no class name'}, neither "
+                     "num_single_layers nor caption_projection_dim in it).")
 
 
 def _slot(key: str, part, block: tuple[str, ...], transformer_config) -> CheckpointSlot:

@@ -164,10 +164,10 @@ def lie_file(model, modules, tmp_path, mode="exp", scale=0.3, rank=2, lora=(), *
             continue
         entries.append(ModuleEntry("transformer", module, "lie", A, B, alpha=1.5 + k % 3,
                                    mode="taylor" if mode == "taylor" or (mode == "mixed" and k % 4 == 1) else "exp"))
-    config = {**dict(model.config), **fingerprint}
-    info = {"fingerprint": {"transformer": {k: config[k] for k in ("num_layers", "num_attention_heads",
+    config = {**dict(model.config), "_class_name": type(model).__name__, **fingerprint}
+    info = {"fingerprint": {"transformer": {k: config[k] for k in ("_class_name", "num_layers", "num_attention_heads",
                                                                   "attention_head_dim", "num_single_layers",
-                                                                  "pos_embed_max_size") if k in config}}}
+                                                                  "caption_projection_dim") if k in config}}}
     return LieFile(Path(tmp_path) / "adapter.safetensors", entries, info, None)
 
 
