@@ -1,8 +1,9 @@
-"""lie-diffusion: Lie-group adapters (LieRA) for diffusers' Stable Diffusion UNets and CLIP encoders."""
+"""lie-diffusion: Lie-group adapters (LieRA) for diffusers' Stable Diffusion UNets, Flux.1 and SD3/SD3.5
+transformers and CLIP encoders."""
 
 from .combine import combine_lie_files
 from .functional import LieFactor, lie_conv2d, lie_delta, lie_linear, lie_multiplier, lie_update, lie_weight
-from .inject import LieConfig, add_lie_adapters, merge_lie_weights
+from .inject import PRESETS, LieConfig, add_lie_adapters, merge_lie_weights
 from .io import load_lie_weights, read_lie_file, save_lie_weights
 from .layers import LieConv2d, LieLinear, LieLoraConfig, set_lie_speed_options
 
@@ -14,6 +15,7 @@ __all__ = [
     "LieFactor",
     "LieLinear",
     "LieLoraConfig",
+    "PRESETS",
     "add_lie_adapters",
     "combine_lie_files",
     "lie_conv2d",

@@ -1,14 +1,18 @@
 """Which modules get which adapter: `LieConfig` → peft LoRA config with Lie layers registered.
 
-One adapter name covers both kinds: Conv2d targets get Lie adapters, attention projections get
-standard LoRA (or Lie, or nothing). Both live in one peft config, so diffusers' adapter controls
+One adapter name covers two groups: Conv2d targets get Lie adapters, Linear targets ("attn") get
+standard LoRA, Lie, or nothing. Both live in one peft config, so diffusers' adapter controls
 (`set_adapters`, `fuse_lora`, `delete_adapters`, ...) treat the pair as one adapter.
+
+A target preset per model family names both groups: on UNets the convs (Lie) and the attention
+projections (LoRA); on diffusion transformers (Flux.1, SD3/SD3.5), which are Linear layers almost
+throughout, the Linear group itself takes Lie adapters.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
@@ -30,10 +34,71 @@ TEXT_ENCODER_ATTN_TARGETS = (r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_
 ATTN_TARGETS = UNET_ATTN_TARGETS + TEXT_ENCODER_ATTN_TARGETS
 ATTN_ADAPTERS = ("lora", "lie", "none")
 
+# Diffusion transformers (diffusers' FluxTransformer2DModel, SD3Transformer2DModel). diffusers' DreamBooth LoRA
+# scripts target the joint attention (image and context projections) of every block, and on Flux also the
+# feed-forwards; as there, "attn." leaves out SD3.5's second self-attention "attn2.".
+DIT_ATTN_TARGETS = (r"attn\.to_[qkv]", r"attn\.to_out\.0", r"attn\.add_[qkv]_proj", r"attn\.to_add_out")
+DIT_FF_TARGETS = (r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2")
+# Every Linear inside the blocks, as kohya's Flux network: + attn2, the single blocks' MLP in/out, the modulations.
+DIT_BLOCK_LINEAR_TARGETS = DIT_ATTN_TARGETS + DIT_FF_TARGETS + (
+    r"attn2\.to_[qkv]", r"attn2\.to_out\.0",
+    r"proj_mlp", r"single_transformer_blocks\.\d+\.proj_out",
+    r"norm1\.linear", r"norm1_context\.linear", r"single_transformer_blocks\.\d+\.norm\.linear",
+)
+# + the layers outside the blocks: patch and text embedders, time/guidance/pooled-text embedders, the output.
+DIT_ALL_LINEAR_TARGETS = DIT_BLOCK_LINEAR_TARGETS + (
+    r"x_embedder", r"context_embedder", r"time_text_embed\..+", r"norm_out\.linear", r"proj_out",
+)
+SD3_PATCH_CONV_TARGETS = (r"pos_embed\.proj",)  # SD3 embeds 2x2 patches with a stride-2 conv: a Lie kernel
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    """A family's named choice of targets, and the adapter its Linear group gets unless the config says."""
+
+    family: str
+    conv_targets: tuple[str, ...]
+    attn_targets: tuple[str, ...]
+    attn_adapter: str
+    description: str
+
+
+# Text encoders (CLIP) keep their attention targets under every preset; T5 encoders match none of them.
+PRESETS = {
+    "unet": TargetPreset("unet", CONV_TARGETS, ATTN_TARGETS, "lora",
+                         "ResNet and sampler convs (Lie), attention projections (LoRA)"),
+    "flux": TargetPreset("flux", (), DIT_ATTN_TARGETS + DIT_FF_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                         "diffusers' DreamBooth LoRA targets: joint attention incl. context projections, feed-forwards"),
+    "flux-all-linear": TargetPreset("flux", (), DIT_BLOCK_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                                    "every Linear in the double and single blocks (kohya's Flux network)"),
+    "flux-all": TargetPreset("flux", (), DIT_ALL_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                             "every Linear of the transformer, embedders and output layer included"),
+    "sd3": TargetPreset("sd3", (), DIT_ATTN_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                        "diffusers' DreamBooth LoRA targets: joint attention incl. context projections"),
+    "sd3-all-linear": TargetPreset("sd3", (), DIT_BLOCK_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                                   "every Linear in the joint blocks (SD3.5's attn2, modulations, feed-forwards)"),
+    "sd3-all": TargetPreset("sd3", SD3_PATCH_CONV_TARGETS, DIT_ALL_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                            "every Linear of the transformer and the patch-embedding conv pos_embed.proj"),
+}
+# The preset a model gets when its config names none. Provisional for the transformers: diffusers' targets,
+# until a measurement on a pretrained tiny DiT picks one.
+DEFAULT_PRESETS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+def model_family(model: nn.Module) -> str | None:
+    """"unet", "flux" or "sd3" for the denoisers lie-diffusion knows; None for anything else (text encoders)."""
+    preset = DEFAULT_PRESETS.get(type(model).__name__)
+    return PRESETS[preset].family if preset else None
+
 
 @dataclass
 class LieConfig:
     """What to adapt and how. `alpha=None` means alpha = rank; attention rank/alpha default to these.
+
+    `preset` names the targets (see `PRESETS`): None picks the model's family default ("unet" for UNets and
+    CLIP text encoders, "flux" / "sd3" — diffusers' DreamBooth targets — for the transformers). `conv_targets`,
+    `attn_targets` and `attn_adapter` left at None come from the preset; given, they replace its choice. The
+    "attn" group is every targeted Linear layer: on the transformers, feed-forwards and modulations included.
 
     `balance` scales each Lie adapter's alpha by a factor of its own kernel (`functional.balance_factor`):
     with "rms" (the default) one learning rate moves Lie kernels as far as LoRA ones, so the Lie convs
@@ -45,19 +110,22 @@ class LieConfig:
     alpha: float | None = None
     mode: str = "exp"
     balance: str = "rms"
-    attn_adapter: str = "lora"
+    attn_adapter: str | None = None
     attn_rank: int | None = None
     attn_alpha: float | None = None
-    conv_targets: tuple[str, ...] = field(default=CONV_TARGETS)
-    attn_targets: tuple[str, ...] = field(default=ATTN_TARGETS)
+    conv_targets: tuple[str, ...] | None = None
+    attn_targets: tuple[str, ...] | None = None
     dropout: float = 0.0
+    preset: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"LieConfig.mode must be one of {MODES}, got {self.mode!r}.")
         if self.balance not in BALANCES:
             raise ValueError(f"LieConfig.balance must be one of {BALANCES}, got {self.balance!r}.")
-        if self.attn_adapter not in ATTN_ADAPTERS:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"LieConfig.preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}.")
+        if self.attn_adapter is not None and self.attn_adapter not in ATTN_ADAPTERS:
             raise ValueError(f"LieConfig.attn_adapter must be one of {ATTN_ADAPTERS}, got {self.attn_adapter!r}.")
         for name in ("rank", "attn_rank"):
             value = getattr(self, name)
@@ -67,11 +135,30 @@ class LieConfig:
             raise ValueError(f"LieConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         # A lone string is one pattern (tuple("conv1") would be five one-letter patterns).
         self.conv_targets, self.attn_targets = _as_patterns(self.conv_targets), _as_patterns(self.attn_targets)
-        for pattern in self.conv_targets + self.attn_targets:
+        for pattern in (self.conv_targets or ()) + (self.attn_targets or ()):
             try:
                 re.compile(pattern)
             except re.error as error:
                 raise ValueError(f"LieConfig target {pattern!r} is not a valid regex: {error}.") from None
+
+    def resolved(self, model: nn.Module) -> "LieConfig":
+        """This config for `model`: the preset (given, or the model's default) fills what is left at None.
+
+        A preset of another family than the model's is refused (text encoders take any preset)."""
+        family = model_family(model)
+        name = self.preset or DEFAULT_PRESETS.get(type(model).__name__, "unet")
+        preset = PRESETS[name]
+        if family is not None and preset.family != family:
+            choices = sorted(n for n, p in PRESETS.items() if p.family == family)
+            raise ValueError(f"LieConfig preset {name!r} is for {preset.family} models, not {type(model).__name__}; "
+                             f"choose one of {choices}.")
+        return replace(
+            self,
+            preset=name,
+            conv_targets=preset.conv_targets if self.conv_targets is None else self.conv_targets,
+            attn_targets=preset.attn_targets if self.attn_targets is None else self.attn_targets,
+            attn_adapter=preset.attn_adapter if self.attn_adapter is None else self.attn_adapter,
+        )
 
     @property
     def conv_rank_alpha(self) -> tuple[int, float]:
@@ -84,7 +171,9 @@ class LieConfig:
         return rank, float(rank if alpha is None else alpha)
 
 
-def _as_patterns(targets: str | Iterable[str]) -> tuple[str, ...]:
+def _as_patterns(targets: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if targets is None:
+        return None
     return (targets,) if isinstance(targets, str) else tuple(targets)
 
 
@@ -95,6 +184,7 @@ def _suffix_regex(patterns: Iterable[str]) -> re.Pattern | None:
 
 def find_targets(model: nn.Module, config: LieConfig) -> tuple[list[str], list[str]]:
     """(conv module names, attention module names) that `config` selects in `model`."""
+    config = config.resolved(model)
     conv_re = _suffix_regex(config.conv_targets)
     attn_re = _suffix_regex(config.attn_targets if config.attn_adapter != "none" else ())
     convs, attns, tuner_prefix = [], [], None
@@ -150,7 +240,7 @@ def balanced_overrides(model: nn.Module, config: LieConfig, convs: list[str], at
 def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_name: str, overrides) -> None:
     if not convs and not attns:
         raise ValueError(
-            f"LieConfig selects no module of {type(model).__name__}: conv_targets={config.conv_targets} matched no "
+            f"LieConfig (preset {config.preset!r}) selects no module of {type(model).__name__}: conv_targets={config.conv_targets} matched no "
             f"nn.Conv2d and attn_targets={config.attn_targets} (attn_adapter={config.attn_adapter!r}) no nn.Linear."
         )
     if adapter_name in (getattr(model, "peft_config", None) or {}):
@@ -175,12 +265,13 @@ def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_na
 def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "default", overrides=None) -> nn.Module:
     """Inject adapter `adapter_name` into `model` in place; only adapter parameters stay trainable.
 
-    Works on a diffusers UNet2DConditionModel (SD1.x/2.x/SDXL) and on a transformers CLIP text
-    encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`; their
+    Works on a diffusers UNet2DConditionModel (SD1.x/2.x/SDXL), FluxTransformer2DModel (Flux.1),
+    SD3Transformer2DModel (SD3/SD3.5) and on a transformers CLIP text encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`; their
     alphas are used as given (the balancing rule applies to the other Lie modules).
     The new factors are kept in float32 on a half-precision model (peft would cast them to the base
     dtype), so optimizer steps are not lost to rounding. On any error the model is left as it was.
     """
+    config = config.resolved(model)
     convs, attns = find_targets(model, config)
     _check_targets(model, config, convs, attns, adapter_name, overrides)
     peft_config = build_peft_config(config, convs, attns, balanced_overrides(model, config, convs, attns, overrides))
