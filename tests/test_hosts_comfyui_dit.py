@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import save_file
-from test_hosts_comfyui import COMFYUI, CPU, comfy  # noqa: F401  (the ComfyUI fixture)
+from test_hosts_comfyui import COMFYUI, CPU, comfy, comfy_clip  # noqa: F401  (comfy: the ComfyUI fixture)
 from test_hosts_dit import lie_file, linears, reference
 
 from lie_diffusion.hosts import LiePatch
@@ -201,3 +201,46 @@ def test_a_file_for_the_other_family_is_refused_and_nothing_patched(comfy, setup
     with pytest.raises(ValueError, match=r"adapter.safetensors: does not fit this model \(the file was saved for"):
         load_lie_adapter(setup.patcher, None, wrong, 1.0, 0)
     assert not setup.patcher.patches
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
+    """Adapters on the CLIP encoders (Flux: CLIP-L; SD3: CLIP-L and CLIP-G) reach ComfyUI's CLIP models through
+    its diffusers-name key map, with the transformer's in the same file; a T5 module is refused by name."""
+    from lie_diffusion.io import ModuleEntry
+    from lie_diffusion.tiny import tiny_text_encoder
+
+    pipe = SimpleNamespace(text_encoder=tiny_text_encoder(0), text_encoder_2=tiny_text_encoder(1, with_projection=True)
+                           if family != "flux" else None)
+    clip, names = comfy_clip(comfy, pipe, "sd1" if family == "flux" else "sdxl")
+    model = diffusers_model(family)
+    adapter = lie_file(model, list(linears(model))[:3], tmp_path)
+    generator = torch.Generator().manual_seed(4)
+    targets = [("text_encoder", "encoder.layers.0.self_attn.q_proj", "lie"), ("text_encoder", "encoder.layers.1.mlp.fc1",
+                                                                           "lora")]
+    if family != "flux":
+        targets.append(("text_encoder_2", "encoder.layers.1.self_attn.out_proj", "lie"))
+    for component, suffix, section in targets:  # CLIPTextModelWithProjection keeps `text_model.` in its names
+        module = next(n for n, _ in getattr(pipe, component).named_modules() if n.endswith(suffix))
+        weight = getattr(pipe, component).get_submodule(module).weight
+        adapter.modules.append(ModuleEntry(component, module, section, torch.randn(2, weight.shape[1], generator=generator)
+                                           * 0.3, torch.randn(weight.shape[0], 2, generator=generator) * 0.3, 2.5,
+                                           "exp" if section == "lie" else None))
+    for strength in (1.0, -0.5):
+        _, patched_clip = load_lie_adapter(None, clip, adapter, 0, strength)
+        patched_clip.patcher.patch_model()
+        try:
+            state = patched_clip.cond_stage_model.state_dict()
+            for entry in adapter.modules[3:]:
+                key = next(k for k, v in names.items() if v == (entry.component, f"{entry.module}.weight"))
+                base = getattr(pipe, entry.component).get_submodule(entry.module).weight.detach()
+                want = reference(base, entry, strength)
+                assert ((state[key].double() - want).abs() <= RTOL * (want.abs() + want.abs().max())).all(), key
+        finally:
+            patched_clip.patcher.unpatch_model()
+    if family == "flux":
+        t5 = ModuleEntry("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q", "lie", torch.zeros(1, 4),
+                         torch.zeros(4, 1), 1.0, "exp")
+        adapter.modules.append(t5)
+        with pytest.raises(ValueError, match="text_encoder_2.*T5"):
+            load_lie_adapter(None, clip, adapter, 0, 1.0)
