@@ -165,10 +165,15 @@ def describe(adapter, sources: list[dict] | None = None) -> str:
         if info.get("balance", "none") != "none":
             lines.append(f"Balance: {info['balance']} (each Lie module's alpha was set by this rule when it was "
                          "trained; the stored alphas are what applies)")
-        fingerprint = (info.get("fingerprint") or {}).get("unet")
-        if fingerprint:
+        fingerprints = info.get("fingerprint") or {}
+        if fingerprints.get("unet"):
+            fingerprint = fingerprints["unet"]
             family = "SDXL" if fingerprint.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"
             lines.append(f"Base UNet ({family}): " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
+        if fingerprints.get("transformer"):
+            fingerprint = dict(fingerprints["transformer"])
+            model_class = fingerprint.pop("_class_name", "transformer")
+            lines.append(f"Base {model_class}: " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
     if sources:
         lines.append("Combined from: " + ", ".join(f"{s['file']} × {s['weight']:g}" for s in sources)
                      + " (lie-diffusion combine; weights and scalings are folded into lora_B, alpha = rank)")

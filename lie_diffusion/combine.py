@@ -42,11 +42,11 @@ def combine_lie_files(inputs: Sequence, weights: Sequence[float] | None, output,
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it.")
     files = [read_lie_file(p) for p in inputs]
-    fingerprint = common_fingerprint(files)
+    fingerprints = common_fingerprints(files)
     entries = [combined_entry(group) for group in groups(files, weights).values()]
     sources = [{"file": f"{f.path.parent.name}/{f.path.name}", "weight": w, "balance": (f.info or {}).get("balance", "none")}
                for f, w in zip(files, weights)]
-    write_lie_file(path, entries, fingerprint, "none", extra={METADATA_SOURCES_KEY: sources})
+    write_lie_file(path, entries, fingerprints, "none", extra={METADATA_SOURCES_KEY: sources})
     return path, entries
 
 
@@ -61,20 +61,25 @@ def output_path(output) -> Path:
     return output / WEIGHT_NAME if output.is_dir() else output
 
 
-def common_fingerprint(files: list[LieFile]) -> dict | None:
-    """The base UNet fingerprint the files share (None when no file records one); refuses files made for
-    different base models."""
-    saved = [(f, ((f.info or {}).get("fingerprint") or {}).get("unet")) for f in files]
-    saved = [(f, fingerprint) for f, fingerprint in saved if fingerprint]
+def common_fingerprints(files: list[LieFile]) -> dict:
+    """The base denoiser fingerprint the files share (`{"unet" | "transformer": ...}`, empty when no file records
+    one); refuses files made for different base models: other configs, or a UNet and a transformer."""
+    saved = [(f, (f.info or {}).get("fingerprint") or {}) for f in files]
+    saved = [(f, fingerprints) for f, fingerprints in saved if fingerprints]
     if not saved:
-        return None
+        return {}
     first, reference = saved[0]
-    for other, fingerprint in saved[1:]:
-        differ = sorted(k for k in reference.keys() | fingerprint.keys() if reference.get(k) != fingerprint.get(k))
-        if differ:
-            shown = "; ".join(f"{k} {reference.get(k)} vs {fingerprint.get(k)}" for k in differ[:3])
-            raise ValueError(f"{first.path} and {other.path} were made for different base models ({shown}); "
-                             "only adapters of one base model combine.")
+    for other, fingerprints in saved[1:]:
+        if fingerprints.keys() != reference.keys():
+            raise ValueError(f"{first.path} ({', '.join(reference)}) and {other.path} ({', '.join(fingerprints)}) were "
+                             "made for different base models; only adapters of one base model combine.")
+        for component, fingerprint in fingerprints.items():
+            ref = reference[component]
+            differ = sorted(k for k in ref.keys() | fingerprint.keys() if ref.get(k) != fingerprint.get(k))
+            if differ:
+                shown = "; ".join(f"{k} {ref.get(k)} vs {fingerprint.get(k)}" for k in differ[:3])
+                raise ValueError(f"{first.path} and {other.path} were made for different base models ({shown}); "
+                                 "only adapters of one base model combine.")
     return reference
 
 

@@ -273,5 +273,5 @@ def extract_file(base, tuned, output, rank=4, attn_rank=None, mode="exp", steps=
     total = totals(fits)
     report = {"total": total, "not_captured": other, "steps": steps,
               "base_fingerprint": unet_fingerprint(base_models["unet"]), "modules": [asdict(f) for f in fits]}
-    write_lie_file(path, entries, report["base_fingerprint"], extra={"lie_diffusion_extract": report})
+    write_lie_file(path, entries, {"unet": report["base_fingerprint"]}, extra={"lie_diffusion_extract": report})
     return path, fits, total, other

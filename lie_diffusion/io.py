@@ -2,13 +2,13 @@
 
 Layout (docs/FORMAT.md has the full spec):
 
-* LoRA section: `<component>.<module>.lora_A.weight` / `.lora_B.weight` (component: `unet`,
-  `text_encoder`, `text_encoder_2`), with diffusers' `lora_adapter_metadata` describing a plain
+* LoRA section: `<component>.<module>.lora_A.weight` / `.lora_B.weight` (component: `unet` or
+  `transformer` (Flux.1, SD3/SD3.5), `text_encoder`, `text_encoder_2`), with diffusers' `lora_adapter_metadata` describing a plain
   `LoraConfig`, so `pipe.load_lora_weights` applies these with the right alpha.
 * Lie section: the same names under `lie.`; stock diffusers filters keys by component prefix and
   so never sees them (it would otherwise add them as LoRA: silently wrong).
 * `lie_diffusion` metadata: format version, mode, rank, alpha, per-module overrides, targets and a
-  fingerprint of the base UNet's config.
+  fingerprint of the base UNet's or transformer's config.
 
 Factors are stored in float32 whatever the model's dtype: an exact superset of fp16/bf16, and the
 files are small. Loading validates the whole file against the model before changing anything.
@@ -33,7 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .functional import BALANCES, MODES, LieFactor, lie_delta, lie_multiplier
-from .inject import LieConfig, add_lie_adapters, find_targets, remove_adapter
+from .inject import LieConfig, add_lie_adapters, find_targets, model_family, remove_adapter
 from .layers import LieLayerMixin, unwrap_layer
 
 FORMAT_VERSION = 1
@@ -41,7 +41,8 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lie_diffusion"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; JSON of `LoraConfig` kwargs, prefixed by component
 LIE_PREFIX = "lie."
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+DENOISERS = ("unet", "transformer")
 SECTIONS = ("lora", "lie")
 # UNet config entries that fix adapter shapes and module names. Left out on purpose: in_channels (inpainting
 # UNets take the same adapters), sample_size and upcast_attention (SD2 base vs 768-v).
@@ -57,8 +58,24 @@ FINGERPRINT_KEYS = (
     "up_block_types",
     "addition_embed_type",
 )
+# The same for Flux.1 / SD3 transformers, stored with the model class, which no file of another class loads into.
+# Left out: in_channels (Flux Fill / Control take the same block adapters), sample_size, pos_embed_max_size.
+DIT_FINGERPRINT_KEYS = (
+    "patch_size",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "guidance_embeds",
+    "qk_norm",
+    "dual_attention_layers",
+    "out_channels",
+)
 _KEY_RE = re.compile(
-    r"(?P<lie>lie\.)?(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight"
+    r"(?P<lie>lie\.)?(?P<component>unet|transformer|text_encoder_2|text_encoder)\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight"
 )
 
 
@@ -126,16 +143,19 @@ def save_lie_weights(
     weight_name: str = WEIGHT_NAME,
     *,
     text_encoder_2: nn.Module | None = None,
+    transformer: nn.Module | None = None,
 ) -> Path:
     """Write adapter `adapter_name` of the given models to `save_directory/weight_name`; return the path.
+
+    `unet` (SD1.x/2.x/SDXL) or `transformer` (Flux.1, SD3/SD3.5) is the denoiser, as in diffusers' pipelines.
 
     Standard LoRA layers go to the LoRA section (what stock `load_lora_weights` reads), Lie layers to
     the `lie.` section. The write is atomic: a failure never leaves a broken file where a good one was.
     """
-    given = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    given = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     models = {name: model for name, model in given.items() if model is not None}
     if not models:
-        raise ValueError("save_lie_weights needs at least one of unet, text_encoder, text_encoder_2.")
+        raise ValueError(f"save_lie_weights needs at least one of {', '.join(COMPONENTS)}.")
     entries = [entry for component, model in models.items() for entry in _collect(model, component, adapter_name)]
     if not entries:
         raise ValueError(f"No adapter named {adapter_name!r} in {', '.join(models)}: nothing to save.")
@@ -146,20 +166,23 @@ def save_lie_weights(
     directory = Path(save_directory)
     if directory.is_file():
         raise ValueError(f"{directory} is a file; save_lie_weights expects a directory.")
-    unet = models.get("unet")
-    return write_lie_file(directory / weight_name, entries, unet_fingerprint(unet) if unet is not None else None,
-                          _balance_of(models.values(), adapter_name))
+    fingerprints = {c: model_fingerprint(models[c]) for c in DENOISERS if c in models}
+    return write_lie_file(directory / weight_name, entries, fingerprints, _balance_of(models.values(), adapter_name))
 
 
-def write_lie_file(path, entries: list[ModuleEntry], fingerprint: dict | None, balance: str = "none",
+def write_lie_file(path, entries: list[ModuleEntry], fingerprints: dict | None, balance: str = "none",
                    extra: dict | None = None) -> Path:
     """One adapter file from module entries, written atomically (a failure never leaves a broken file where a
-    good one was). `fingerprint`: the base UNet's (None: unknown); `extra`: more metadata, each value as JSON."""
+    good one was). `fingerprints`: the base denoiser's, `{"unet" | "transformer": model_fingerprint(...)}`
+    (None or empty: unknown); `extra`: more metadata, each value as JSON."""
+    unknown = sorted(set(fingerprints or {}) - set(DENOISERS))
+    if unknown:
+        raise ValueError(f"write_lie_file: fingerprints are keyed by denoiser component {DENOISERS}, got {unknown}.")
     tensors = {}
     for entry in entries:
         tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A.contiguous()
         tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B.contiguous()
-    info = _lie_metadata(entries, fingerprint, balance)
+    info = _lie_metadata(entries, fingerprints, balance)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
     lora_metadata = _lora_metadata(entries)
     if lora_metadata:
@@ -212,7 +235,7 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _lie_metadata(entries: list[ModuleEntry], fingerprint: dict | None, balance: str) -> dict:
+def _lie_metadata(entries: list[ModuleEntry], fingerprints: dict | None, balance: str) -> dict:
     """Defaults are the most common values (of the Lie section when there is one); overrides list the rest.
 
     `balance` names the rule that chose the Lie alphas; it is a label: the alphas themselves are stored."""
@@ -244,7 +267,7 @@ def _lie_metadata(entries: list[ModuleEntry], fingerprint: dict | None, balance:
         "balance": balance,
         "overrides": overrides,
         "targets": targets,
-        "fingerprint": {"unet": fingerprint} if fingerprint is not None else {},
+        "fingerprint": dict(fingerprints or {}),
     }
 
 
@@ -273,6 +296,20 @@ def unet_fingerprint(unet: nn.Module) -> dict:
     """The UNet config entries that decide adapter module names and shapes (JSON-ready)."""
     config = getattr(unet, "config", {})
     return {key: json.loads(json.dumps(config[key])) for key in FINGERPRINT_KEYS if key in config}
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """A denoiser's fingerprint: a UNet's config entries, or a transformer's class name and config entries."""
+    if model_family(model) in (None, "unet"):
+        return unet_fingerprint(model)
+    config = model.config
+    entries = {key: json.loads(json.dumps(config[key])) for key in DIT_FINGERPRINT_KEYS if key in config}
+    return {"_class_name": type(model).__name__, **entries}
+
+
+def denoiser_component(model: nn.Module) -> str:
+    """The file component a bare denoiser's adapters live under: "transformer" for Flux/SD3, else "unet"."""
+    return "transformer" if model_family(model) in ("flux", "sd3") else "unet"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -343,7 +380,7 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         raise ValueError(
             f"{path}: unexpected keys {shown}. lie-diffusion files hold only '<component>.<module>.lora_A.weight' / "
-            "'.lora_B.weight' keys (components: unet, text_encoder, text_encoder_2), optionally under 'lie.'; "
+            f"'.lora_B.weight' keys (components: {', '.join(COMPONENTS)}), optionally under 'lie.'; "
             "load other LoRA formats with pipe.load_lora_weights."
         )
     if not factors:
@@ -508,15 +545,15 @@ class _ComponentPlan:
     entries: dict[str, ModuleEntry]  # model module name -> entry
 
 
-def _components_of(pipeline_or_unet) -> dict[str, nn.Module]:
-    if isinstance(pipeline_or_unet, nn.Module):
-        return {"unet": pipeline_or_unet}
-    models = {name: getattr(pipeline_or_unet, name, None) for name in COMPONENTS}
+def _components_of(pipeline_or_model) -> dict[str, nn.Module]:
+    if isinstance(pipeline_or_model, nn.Module):
+        return {denoiser_component(pipeline_or_model): pipeline_or_model}
+    models = {name: getattr(pipeline_or_model, name, None) for name in COMPONENTS}
     models = {name: model for name, model in models.items() if isinstance(model, nn.Module)}
     if not models:
         raise TypeError(
-            "load_lie_weights expects a UNet or a pipeline with a unet/text_encoder, "
-            f"got {type(pipeline_or_unet).__name__}."
+            "load_lie_weights expects a UNet, a Flux/SD3 transformer or a pipeline with a unet/transformer/"
+            f"text_encoder, got {type(pipeline_or_model).__name__}."
         )
     return models
 
@@ -537,13 +574,23 @@ def _expected_shapes(layer: nn.Module, rank: int) -> tuple[tuple, tuple] | None:
     return None
 
 
-def _fingerprint_diff(parsed: LieFile, unet: nn.Module | None) -> str:
-    saved = ((parsed.info or {}).get("fingerprint") or {}).get("unet")
-    if not saved or unet is None:
+def _fingerprint_diff(parsed: LieFile, model: nn.Module | None, component: str = "unet") -> str:
+    saved = ((parsed.info or {}).get("fingerprint") or {}).get(component)
+    if not saved or model is None:
         return ""
-    current = unet_fingerprint(unet)
+    current = model_fingerprint(model)
     diffs = [f"{k} {saved[k]} (file) vs {current[k]} (model)" for k in saved if k in current and saved[k] != current[k]]
     return "; ".join(diffs)
+
+
+def _check_model_class(parsed: LieFile, models: dict[str, nn.Module]) -> None:
+    """A file saved for one transformer class (Flux, SD3) never loads into another, even where names and shapes fit."""
+    saved = ((parsed.info or {}).get("fingerprint") or {}).get("transformer") or {}
+    model = models.get("transformer")
+    if model is not None and "transformer" in parsed.components and saved.get("_class_name", type(model).__name__) \
+            != type(model).__name__:
+        raise ValueError(f"{parsed.path}: the file was saved for a {saved['_class_name']}; this transformer is a "
+                         f"{type(model).__name__}.")
 
 
 def _plan(
@@ -551,6 +598,7 @@ def _plan(
 ) -> dict[str, _ComponentPlan]:
     """Check every module of the file against the models (at strength `scale`); raise before anything is changed."""
     path, problems = parsed.path, []
+    _check_model_class(parsed, models)
     balance = (parsed.info or {}).get("balance", "none")  # the file's label, the same for every component
     plans = {}
     for component in parsed.components:
@@ -601,8 +649,8 @@ def _plan(
             )
         if entries:
             plans[component] = _component_plan(model, entries, lie_linear="lie" in linear_sections, balance=balance)
+    diff = "; ".join(filter(None, (_fingerprint_diff(parsed, models.get(c), c) for c in DENOISERS)))
     if problems:
-        diff = _fingerprint_diff(parsed, models.get("unet"))
         hint = f" The file was saved for another base model: {diff}." if diff else ""
         shown = "; ".join(problems[:5]) + (f"; ... (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         raise ValueError(f"{path}: does not fit the model: {shown}.{hint}")
@@ -613,9 +661,8 @@ def _plan(
     skipped = [c for c in parsed.components if c not in models]
     if skipped:
         warnings.warn(f"{path}: the target has no {skipped}; their adapters were not loaded.", stacklevel=3)
-    diff = _fingerprint_diff(parsed, models.get("unet"))
     if diff:
-        warnings.warn(f"{path}: the file was saved for a UNet with a different config ({diff}).", stacklevel=3)
+        warnings.warn(f"{path}: the file was saved for a base model with a different config ({diff}).", stacklevel=3)
     return plans
 
 
@@ -680,7 +727,7 @@ def _component_plan(model: nn.Module, entries: dict[str, ModuleEntry], lie_linea
 def load_lie_weights(
     pipeline_or_unet, path_or_dir, adapter_name: str = "default", scale: float = 1.0, *, weight_name=None
 ):
-    """Load an adapter file (both sections) into a pipeline or a UNet as adapter `adapter_name`.
+    """Load an adapter file (both sections) into a pipeline, a UNet or a Flux/SD3 transformer as `adapter_name`.
 
     `path_or_dir`: a .safetensors file, a directory holding one, or a `LieFile` from `read_lie_file`.
 

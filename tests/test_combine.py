@@ -110,7 +110,7 @@ def test_text_encoder_names_with_and_without_text_model_prefix_are_one_layer(inp
     for entry in renamed.section("lora", "text_encoder"):
         entry.module = entry.module.removeprefix("text_model.") if entry.module.startswith("text_model.") \
             else f"text_model.{entry.module}"
-    other = write_lie_file(tmp_path / "renamed.safetensors", renamed.modules, renamed.info["fingerprint"]["unet"])
+    other = write_lie_file(tmp_path / "renamed.safetensors", renamed.modules, renamed.info["fingerprint"])
     one, _ = combine_lie_files([a, b], None, tmp_path / "one.safetensors")
     two, _ = combine_lie_files([a, other], None, tmp_path / "two.safetensors")
     assert len(read_lie_file(one).modules) == len(read_lie_file(two).modules)
