@@ -8,6 +8,7 @@ its LoRA loader for the file's LoRA section and for a plain Flux LoRA, `ModelPat
 diffusers map and compared with the formula, W ⊙ exp(t·sΔ) per module, written out in test_hosts_dit.
 """
 
+import copy
 import importlib
 from types import SimpleNamespace
 
@@ -244,3 +245,31 @@ def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
         adapter.modules.append(t5)
         with pytest.raises(ValueError, match="text_encoder_2.*T5"):
             load_lie_adapter(None, clip, adapter, 0, 1.0)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_a_saved_file_through_the_node_equals_diffusers_merge(comfy, setup, strength):  # noqa: F811
+    """A file written by save_lie_weights from an adapted diffusers transformer (every Linear and SD3's patch conv,
+    balanced alphas), read by the model-only node from ComfyUI's loras folder, against diffusers: the same file
+    loaded by load_lie_weights at that strength and merged (merge_lie_weights)."""
+    from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, merge_lie_weights, save_lie_weights
+
+    name = f"saved-{setup.family}.safetensors"
+    if not (comfy.loras / name).exists():
+        adapted = copy.deepcopy(setup.model)
+        add_lie_adapters(adapted, LieConfig(rank=2, preset="flux-all" if setup.family == "flux" else "sd3-all"))
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # as if trained: B is zero at init
+            for key, parameter in adapted.named_parameters():
+                if "lora_" in key:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        path = save_lie_weights(setup.tmp / "saved", transformer=adapted)
+        (comfy.loras / name).write_bytes(path.read_bytes())
+    (model,) = comfy.nodes.NODE_CLASS_MAPPINGS["LieAdapterLoaderModelOnly"]().load_model_only(
+        setup.patcher, name, strength)
+    reference_model = copy.deepcopy(setup.model)
+    load_lie_weights(reference_model, comfy.loras / name, scale=strength)
+    merge_lie_weights(reference_model)
+    want = {m: layer.weight.detach() for m, layer in linears(reference_model).items()}
+    assert sum(not torch.equal(want[m], setup.base[m]) for m in want) == len(want)  # every layer adapted
+    assert_same(patched(setup, model), want)
