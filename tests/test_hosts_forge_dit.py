@@ -7,6 +7,7 @@ and a plain Flux LoRA, `ModelPatcher`, and `LoraLoader.refresh`, which applies e
 placed into Forge's model through Forge's own diffusers map. Compared per module with the formula.
 """
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -141,3 +142,27 @@ def test_an_sd3_file_is_refused_naming_it(forge, setup):  # noqa: F811
                                          r"a SD3 transformer"):
         load(forge, setup_wrong, setup.patcher, 1.0)
     assert not setup.patcher.lora_patches
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_a_saved_file_through_the_extension_equals_diffusers_merge(forge, setup, strength, tmp_path):  # noqa: F811
+    """The extension's own entry point (`load_lie_for_models`, what `<lora:name:t>` reaches) on a file written by
+    save_lie_weights from an adapted Flux transformer (flux-all preset), against diffusers loading and merging it."""
+    from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, merge_lie_weights, save_lie_weights
+
+    adapted = copy.deepcopy(setup.model)
+    add_lie_adapters(adapted, LieConfig(rank=2, preset="flux-all"))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for key, parameter in adapted.named_parameters():
+            if "lora_" in key:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    path = save_lie_weights(tmp_path, transformer=adapted)
+    model, clip = forge.extension.load_lie_for_models(setup.patcher, None, path, strength, 0)
+    assert clip is None
+    reference_model = copy.deepcopy(setup.model)
+    load_lie_weights(reference_model, path, scale=strength)
+    merge_lie_weights(reference_model)
+    want = {m: layer.weight.detach() for m, layer in linears(reference_model).items()}
+    assert all(not torch.equal(want[m], setup.base[m]) for m in want)
+    assert_same(applied(setup, model), want)
