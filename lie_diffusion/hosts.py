@@ -108,8 +108,10 @@ def refuse(adapter: LieFile, problems: list[str]) -> None:
     config, transformer = base_config(adapter), transformer_config(adapter)
     hint = ""
     if transformer:
-        hint = (f" (the file was saved for a {dit_family(transformer).upper()} transformer, "
-                f"{transformer.get('num_layers')} blocks of {transformer.get('num_attention_heads')} heads)")
+        width = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
+        blocks = (f"{transformer.get('num_layers')} double-stream and {transformer['num_single_layers']} single-stream"
+                  if "num_single_layers" in transformer else transformer.get("num_layers"))
+        hint = f" (the file was saved for a {dit_family(transformer).upper()} transformer of width {width}: {blocks} blocks)"
     elif config:
         family = "SDXL" if is_sdxl(config) else "SD 1.x/2.x"
         hint = f" (the file was saved for an {family} UNet, block_out_channels {config.get('block_out_channels')})"

@@ -130,7 +130,7 @@ def assert_same(got, want, rtol=RTOL):
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
 def test_node_patches_every_module_exactly(comfy, setup, strength):  # noqa: F811
-    model, _ = load_lie_adapter(setup.patcher, None, setup.adapter, strength, 0)
+    model, _ = load_lie_adapter(setup.patcher, None, setup.adapter.path, strength, 0)
     assert any(len(patches) >= 3 for patches in model.patches.values())  # q, k, v (Flux: and MLP) share a weight
     got = patched(setup, model)
     assert_same(got, expected(setup, strength))
@@ -139,8 +139,8 @@ def test_node_patches_every_module_exactly(comfy, setup, strength):  # noqa: F81
 
 
 def test_plus_one_then_minus_one_undoes_exp_modules(comfy, setup):  # noqa: F811
-    model, _ = load_lie_adapter(setup.patcher, None, setup.adapter, 1.0, 0)
-    model, _ = load_lie_adapter(model, None, setup.adapter, -1.0, 0)
+    model, _ = load_lie_adapter(setup.patcher, None, setup.adapter.path, 1.0, 0)
+    model, _ = load_lie_adapter(model, None, setup.adapter.path, -1.0, 0)
     got = patched(setup, model)
     assert_same(got, expected(setup, -1.0, expected(setup, 1.0)))
     exact = {e.module for e in setup.adapter.modules if e.mode == "exp"}
@@ -160,7 +160,7 @@ def test_chained_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):  # no
     save_file({f"transformer.{target}.lora_A.weight": down, f"transformer.{target}.lora_B.weight": up},
               str(comfy.loras / name))
     plain = lambda m: comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(m, name, 0.7)[0]  # noqa: E731
-    lie = lambda m: load_lie_adapter(m, None, setup.adapter, 0.5, 0)[0]  # noqa: E731
+    lie = lambda m: load_lie_adapter(m, None, setup.adapter.path, 0.5, 0)[0]  # noqa: E731
     model = setup.patcher
     for step in (plain, lie) if order == "lora first" else (lie, plain):
         model = step(model)
@@ -177,7 +177,7 @@ def test_chained_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):  # no
 def test_low_vram_path_on_half_weights(comfy, setup, dtype):  # noqa: F811
     """LowVramPatch, what ComfyUI's low-VRAM path runs on each weight as it loads it, in the weight's dtype: on
     a fused weight every module's patch writes its own rows of the same tensor."""
-    model, _ = load_lie_adapter(setup.patcher, None, setup.adapter, 1.0, 0)
+    model, _ = load_lie_adapter(setup.patcher, None, setup.adapter.path, 1.0, 0)
     state = model.model.state_dict()
     lie_keys = [k for k, patches in model.patches.items() if all(isinstance(p[1], LiePatch) for p in patches)]
     out = {k: comfy.model_patcher.LowVramPatch(k, model.patches)(state[k].to(dtype)) for k in lie_keys}
@@ -198,9 +198,10 @@ def test_low_vram_path_on_half_weights(comfy, setup, dtype):  # noqa: F811
 
 def test_a_file_for_the_other_family_is_refused_and_nothing_patched(comfy, setup):  # noqa: F811
     other = "sd3.5" if setup.family == "flux" else "flux"
-    wrong = lie_file(diffusers_model(other), list(linears(diffusers_model(other)))[:6], setup.tmp)
-    with pytest.raises(ValueError, match=r"adapter.safetensors: does not fit this model \(the file was saved for"):
-        load_lie_adapter(setup.patcher, None, wrong, 1.0, 0)
+    wrong = lie_file(diffusers_model(other), list(linears(diffusers_model(other)))[:6], setup.tmp / "other")
+    with pytest.raises(ValueError, match=r"other/adapter.safetensors: does not fit this model \(the file was saved "
+                                         r"for a (FLUX|SD3) transformer"):
+        load_lie_adapter(setup.patcher, None, wrong.path, 1.0, 0)
     assert not setup.patcher.patches
 
 
@@ -215,8 +216,7 @@ def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
                            if family != "flux" else None)
     clip, names = comfy_clip(comfy, pipe, "sd1" if family == "flux" else "sdxl")
     model = diffusers_model(family)
-    adapter = lie_file(model, list(linears(model))[:3], tmp_path)
-    generator = torch.Generator().manual_seed(4)
+    generator, text_entries = torch.Generator().manual_seed(4), []
     targets = [("text_encoder", "encoder.layers.0.self_attn.q_proj", "lie"), ("text_encoder", "encoder.layers.1.mlp.fc1",
                                                                            "lora")]
     if family != "flux":
@@ -224,15 +224,16 @@ def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
     for component, suffix, section in targets:  # CLIPTextModelWithProjection keeps `text_model.` in its names
         module = next(n for n, _ in getattr(pipe, component).named_modules() if n.endswith(suffix))
         weight = getattr(pipe, component).get_submodule(module).weight
-        adapter.modules.append(ModuleEntry(component, module, section, torch.randn(2, weight.shape[1], generator=generator)
-                                           * 0.3, torch.randn(weight.shape[0], 2, generator=generator) * 0.3, 2.5,
-                                           "exp" if section == "lie" else None))
+        text_entries.append(ModuleEntry(component, module, section, torch.randn(2, weight.shape[1], generator=generator)
+                                        * 0.3, torch.randn(weight.shape[0], 2, generator=generator) * 0.3, 2.5,
+                                        "exp" if section == "lie" else None))
+    adapter = lie_file(model, list(linears(model))[:3], tmp_path, extra=text_entries)
     for strength in (1.0, -0.5):
-        _, patched_clip = load_lie_adapter(None, clip, adapter, 0, strength)
+        _, patched_clip = load_lie_adapter(None, clip, adapter.path, 0, strength)
         patched_clip.patcher.patch_model()
         try:
             state = patched_clip.cond_stage_model.state_dict()
-            for entry in adapter.modules[3:]:
+            for entry in (e for e in adapter.modules if e.component != "transformer"):
                 key = next(k for k, v in names.items() if v == (entry.component, f"{entry.module}.weight"))
                 base = getattr(pipe, entry.component).get_submodule(entry.module).weight.detach()
                 want = reference(base, entry, strength)
@@ -242,9 +243,9 @@ def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
     if family == "flux":
         t5 = ModuleEntry("text_encoder_2", "encoder.block.0.layer.0.SelfAttention.q", "lie", torch.zeros(1, 4),
                          torch.zeros(4, 1), 1.0, "exp")
-        adapter.modules.append(t5)
-        with pytest.raises(ValueError, match="text_encoder_2.*T5"):
-            load_lie_adapter(None, clip, adapter, 0, 1.0)
+        with_t5 = lie_file(model, list(linears(model))[:3], tmp_path / "t5", extra=text_entries + [t5])
+        with pytest.raises(ValueError, match="t5/adapter.safetensors: .*text_encoder_2.*T5"):
+            load_lie_adapter(None, clip, with_t5.path, 0, 1.0)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])

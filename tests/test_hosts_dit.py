@@ -17,7 +17,7 @@ from diffusers.loaders.single_file_utils import (convert_flux_transformer_checkp
                                                  convert_sd3_transformer_checkpoint_to_diffusers)
 
 from lie_diffusion.hosts import UNET, LiePatch, host_patches
-from lie_diffusion.io import LieFile, ModuleEntry
+from lie_diffusion.io import ModuleEntry, model_fingerprint, read_lie_file, write_lie_file
 from lie_diffusion.naming import CheckpointSlot, checkpoint_slot, diffusers_module, dit_family, dit_host_name
 
 FLUX = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
@@ -151,24 +151,22 @@ def host_key_map(model, prefix="diffusion_model."):
     return key_map
 
 
-def lie_file(model, modules, tmp_path, mode="exp", scale=0.3, rank=2, lora=(), **fingerprint):
-    """An adapter for `modules` of `model` (in the LoRA section: those in `lora`); "mixed": every fourth taylor."""
+def lie_file(model, modules, directory, mode="exp", scale=0.3, rank=2, lora=(), alpha=None, extra=()):
+    """`directory`/adapter.safetensors for `modules` of `model`, written by write_lie_file with the model's
+    fingerprint, and read back: random factors, Lie (mode "mixed": every fourth taylor) or, for those in `lora`,
+    in the LoRA section; `alpha` for all if given; `extra` entries (text encoders) added."""
     generator = torch.Generator().manual_seed(5)
     entries = []
     for k, module in enumerate(modules):
         weight = linears(model)[module].weight
         A = torch.randn(rank, *weight.shape[1:], generator=generator) * scale
         B = torch.randn(weight.shape[0], rank, *[1] * (weight.ndim - 2), generator=generator) * scale
-        if module in lora:
-            entries.append(ModuleEntry("transformer", module, "lora", A, B, alpha=1.5 + k % 3, mode=None))
-            continue
-        entries.append(ModuleEntry("transformer", module, "lie", A, B, alpha=1.5 + k % 3,
-                                   mode="taylor" if mode == "taylor" or (mode == "mixed" and k % 4 == 1) else "exp"))
-    config = {**dict(model.config), "_class_name": type(model).__name__, **fingerprint}
-    info = {"fingerprint": {"transformer": {k: config[k] for k in ("_class_name", "num_layers", "num_attention_heads",
-                                                                  "attention_head_dim", "num_single_layers",
-                                                                  "caption_projection_dim") if k in config}}}
-    return LieFile(Path(tmp_path) / "adapter.safetensors", entries, info, None)
+        section, kind = ("lora", None) if module in lora else (
+            "lie", "taylor" if mode == "taylor" or (mode == "mixed" and k % 4 == 1) else "exp")
+        entries.append(ModuleEntry("transformer", module, section, A, B, alpha=alpha or 1.5 + k % 3, mode=kind))
+    path = write_lie_file(Path(directory) / "adapter.safetensors", entries + list(extra),
+                          {"transformer": model_fingerprint(model)})
+    return read_lie_file(path)
 
 
 def reference(weight, entry, strength):
@@ -251,7 +249,8 @@ def test_a_file_that_does_not_fit_is_refused_naming_file_module_and_base(tmp_pat
     adapter = lie_file(model, ["transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.proj_mlp"], tmp_path)
     weights = {f"diffusion_model.{k}": v for k, v in to_checkpoint(wider).items()}
     with pytest.raises(ValueError, match=r"adapter.safetensors: does not fit this model \(the file was saved for a "
-                                         r"FLUX transformer, 2 blocks of 2 heads\).*to_k .*do not fit"):
+                                         r"FLUX transformer of width 16: 2 double-stream and 2 single-stream blocks\): "
+                                         r"lie.transformer.single_transformer_blocks.1.proj_mlp: .* do not fit .*to_k"):
         host_patches(adapter, host_key_map(wider), weights, 1.0, UNET, None)
     sd3 = tiny("sd3")
     weights = {f"diffusion_model.{k}": v for k, v in to_checkpoint(sd3).items()}
@@ -261,8 +260,7 @@ def test_a_file_that_does_not_fit_is_refused_naming_file_module_and_base(tmp_pat
 
 def test_a_huge_alpha_on_fused_rows_is_refused(tmp_path):
     model = tiny("flux")
-    adapter = lie_file(model, ["transformer_blocks.1.attn.add_v_proj"], tmp_path)
-    adapter.modules[0].alpha = 1e30
+    adapter = lie_file(model, ["transformer_blocks.1.attn.add_v_proj"], tmp_path, alpha=1e30)
     weights = {f"diffusion_model.{k}": v for k, v in to_checkpoint(model).items()}
     with pytest.raises(ValueError, match="adapter.safetensors.*NaN/inf"):
         host_patches(adapter, host_key_map(model), weights, 1.0, UNET, None)

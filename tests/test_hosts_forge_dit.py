@@ -50,32 +50,16 @@ def setup(forge, tmp_path_factory):  # noqa: F811
     patcher = forge.ModelPatcher(kmodel, load_device=CPU, offload_device=CPU)
     tmp = tmp_path_factory.mktemp("forge-flux")
     adapter = lie_file(model, list(linears(model)), tmp, mode="mixed", lora=LORA_SECTION["flux"])
-    path = tmp / "adapter.safetensors"
     to_model = {k: v for k, v in flux_to_diffusers(unet_config, output_prefix="diffusion_model.").items()
                 if k.endswith(".weight")}
     base = {m: layer.weight.detach().clone() for m, layer in linears(model).items()}
-    return SimpleNamespace(model=model, patcher=patcher, adapter=adapter, path=path, base=base, to_model=to_model)
+    return SimpleNamespace(model=model, patcher=patcher, adapter=adapter, base=base, to_model=to_model)
 
 
-def load(forge, setup, patcher, strength):  # noqa: F811
-    """The extension's load_lie_for_models, its file read as a LieFile (the model-only call Forge makes)."""
-    from lie_diffusion.hosts import patch_targets
-
-    ext = forge.extension
-    keys = forge.lora.model_lora_keys_unet(patcher.model, {})
-
-    def add(target, patches, strength):
-        clone = target.clone()
-        clone.add_patches(filename=str(setup.path), patches=patches, strength_patch=strength)
-        return clone
-
-    def load_lora_section(lora, to_load):
-        patches, unmatched = forge.lora.load_lora(lora, to_load)
-        assert not unmatched
-        return patches
-
-    targets = [(patcher, ("unet", "transformer"), keys, patcher.model.state_dict(), strength)]
-    return patch_targets(setup.adapter, targets, load_lora_section, ext.lie_patch, add)[id(patcher)]
+def load(forge, path, patcher, strength):  # noqa: F811
+    """The extension's entry point, `load_lie_for_models`, as Forge calls it for `<lora:name:strength>` (model)."""
+    model, _ = forge.extension.load_lie_for_models(patcher, None, path, strength, 0)
+    return model
 
 
 def applied(setup, patcher):
@@ -96,7 +80,7 @@ def expected(setup, strength, base=None):
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
 def test_extension_patches_every_flux_module_exactly(forge, setup, strength):  # noqa: F811
-    model = load(forge, setup, setup.patcher, strength)
+    model = load(forge, setup.adapter.path, setup.patcher, strength)
     got = applied(setup, model)
     assert_same(got, expected(setup, strength))
     assert any(not torch.equal(got[m], setup.base[m]) for m in setup.base)
@@ -122,8 +106,8 @@ def test_chained_with_a_plain_flux_lora_loaded_by_forge(forge, setup, order):  #
         return clone
 
     model = setup.patcher
-    for step in (plain, lambda m: load(forge, setup, m, 0.5)) if order == "lora first" else (
-            lambda m: load(forge, setup, m, 0.5), plain):
+    for step in (plain, lambda m: load(forge, setup.adapter.path, m, 0.5)) if order == "lora first" else (
+            lambda m: load(forge, setup.adapter.path, m, 0.5), plain):
         model = step(model)
     update = 0.7 * up @ down
     if order == "lora first":
@@ -134,35 +118,10 @@ def test_chained_with_a_plain_flux_lora_loaded_by_forge(forge, setup, order):  #
     assert_same(applied(setup, model), want)
 
 
-def test_an_sd3_file_is_refused_naming_it(forge, setup):  # noqa: F811
+def test_an_sd3_file_is_refused_naming_it(forge, setup, tmp_path):  # noqa: F811
     sd3 = diffusers_model("sd3.5")
-    wrong = lie_file(sd3, list(linears(sd3))[:4], setup.path.parent)
-    setup_wrong = SimpleNamespace(**{**vars(setup), "adapter": wrong})
+    wrong = lie_file(sd3, list(linears(sd3))[:4], tmp_path)
     with pytest.raises(ValueError, match=r"adapter.safetensors: does not fit this model \(the file was saved for "
                                          r"a SD3 transformer"):
-        load(forge, setup_wrong, setup.patcher, 1.0)
+        load(forge, wrong.path, setup.patcher, 1.0)
     assert not setup.patcher.lora_patches
-
-
-@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
-def test_a_saved_file_through_the_extension_equals_diffusers_merge(forge, setup, strength, tmp_path):  # noqa: F811
-    """The extension's own entry point (`load_lie_for_models`, what `<lora:name:t>` reaches) on a file written by
-    save_lie_weights from an adapted Flux transformer (flux-all preset), against diffusers loading and merging it."""
-    from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, merge_lie_weights, save_lie_weights
-
-    adapted = copy.deepcopy(setup.model)
-    add_lie_adapters(adapted, LieConfig(rank=2, preset="flux-all"))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for key, parameter in adapted.named_parameters():
-            if "lora_" in key:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    path = save_lie_weights(tmp_path, transformer=adapted)
-    model, clip = forge.extension.load_lie_for_models(setup.patcher, None, path, strength, 0)
-    assert clip is None
-    reference_model = copy.deepcopy(setup.model)
-    load_lie_weights(reference_model, path, scale=strength)
-    merge_lie_weights(reference_model)
-    want = {m: layer.weight.detach() for m, layer in linears(reference_model).items()}
-    assert all(not torch.equal(want[m], setup.base[m]) for m in want)
-    assert_same(applied(setup, model), want)
