@@ -274,3 +274,21 @@ def test_a_saved_file_through_the_node_equals_diffusers_merge(comfy, setup, stre
     want = {m: layer.weight.detach() for m, layer in linears(reference_model).items()}
     assert sum(not torch.equal(want[m], setup.base[m]) for m in want) == len(want)  # every layer adapted
     assert_same(patched(setup, model), want)
+
+
+def test_an_exported_file_through_comfyuis_stock_lora_loader(comfy, setup):  # noqa: F811
+    """`export` (conv exact: ΔW whole, `.diff`) of a Lie file, read by ComfyUI's stock LoraLoaderModelOnly at
+    strength 1: the Lie model on every module, fused rows and swapped halves included."""
+    from lie_diffusion.export import export_kohya
+
+    adapter = lie_file(setup.model, list(linears(setup.model)), setup.tmp / "export", mode="mixed")
+    tensors, rows = export_kohya(adapter, {"transformer": setup.model}, conv="exact", dtype=torch.float32)
+    assert len(rows) == len(setup.base)
+    name = f"exported-{setup.family}.safetensors"
+    save_file(tensors, str(comfy.loras / name))
+    model = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(setup.patcher, name, 1.0)[0]
+    targets = [setup.to_comfy[f"{m}.weight"] for m in setup.base]
+    assert set(model.patches) == {t if isinstance(t, str) else t[0] for t in targets}  # ComfyUI took every key
+    want = dict(setup.base)
+    want.update({e.module: reference(setup.base[e.module], e, 1.0).float() for e in adapter.modules})
+    assert_same(patched(setup, model), want)

@@ -277,3 +277,69 @@ def test_swapped_rows_patch_in_place_through_the_hosts_function():
     assert torch.equal(fused[:2], torch.ones(2, 3))
     torch.testing.assert_close(swap(fused[2:]).double(), reference(module_weight, entry, 0.5))
     assert math.isfinite(fused.sum().item())
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_export_writes_the_names_the_hosts_map(family, tmp_path):
+    """`export` for a transformer: diffusers names (`transformer.<module>`), which the hosts map onto rows of their
+    fused weights; applied as ComfyUI applies a kohya file at strength 1 (W + function(ΔW) on the rows), the exact
+    export (`.diff`) is the Lie model, and the low-rank one is within the error it reports."""
+    from lie_diffusion.export import export_kohya, summary
+
+    model = tiny(family)
+    adapter = lie_file(model, list(linears(model)), tmp_path, mode="mixed")
+    weights = {f"diffusion_model.{k}": v for k, v in to_checkpoint(model).items()}
+    key_map = host_key_map(model)
+    for conv in ("exact", "lowrank"):
+        tensors, rows = export_kohya(adapter, {"transformer": model}, conv=conv, rank=2 if conv == "lowrank" else None,
+                                     dtype=torch.float32)
+        assert {key.rsplit(".", 2)[0] if "lora_" in key else key.rsplit(".", 1)[0] for key in tensors} == set(key_map)
+        assert summary(rows, "ComfyUI, Forge")["read_by"] == "ComfyUI, Forge"
+        patched = {k: v.clone() for k, v in weights.items()}
+        for row in rows:
+            stem = row.name
+            if f"{stem}.diff" in tensors:
+                update = tensors[f"{stem}.diff"]
+            else:
+                down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+                update = (up.flatten(1) @ down.flatten(1)).reshape(-1, *down.shape[1:]) * (
+                    tensors[f"{stem}.alpha"].item() / down.shape[0])
+            key = key_map[stem]
+            name, offset, function = (key, None, None) if isinstance(key, str) else key
+            target = patched[name] if offset is None else patched[name].narrow(*offset)
+            target += function(update) if function else update
+        for entry, row in zip(sorted(adapter.modules, key=lambda e: e.module), sorted(rows, key=lambda r: r.module)):
+            slot = checkpoint_slot(entry.module, model.config)
+            got = patched[f"diffusion_model.{slot.key}.weight"]
+            got = got if slot.rows is None else got.narrow(0, *slot.rows)
+            got = swap(got) if slot.swapped else got
+            base = linears(model)[entry.module].weight.detach()
+            want = reference(base, entry, 1.0)
+            error = ((got.double() - want).norm() / (want - base.double()).norm()).item()
+            assert error <= (1e-6 if conv == "exact" else row.rel_error + 1e-6), entry.module
+
+
+def test_export_cli_on_a_flux_pipeline_folder(tmp_path, capsys):
+    """`lie-diffusion export` loads a Flux pipeline's transformer as the base and says who reads the result."""
+    from safetensors import safe_open
+
+    from lie_diffusion import LieConfig, add_lie_adapters, save_lie_weights
+    from lie_diffusion.cli import main
+    from lie_diffusion.export import load_models
+    from lie_diffusion.tiny import build_tiny_pipeline
+
+    base = build_tiny_pipeline(tmp_path / "flux", "flux")
+    transformer = load_models(base, ("transformer",))["transformer"]
+    assert type(transformer).__name__ == "FluxTransformer2DModel"
+    add_lie_adapters(transformer, LieConfig(rank=2))
+    with torch.no_grad():
+        for key, parameter in transformer.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_(0, 0.1)
+    path = save_lie_weights(tmp_path / "adapter", transformer=transformer)
+    output = tmp_path / "exported.safetensors"
+    assert main(["export", str(path), "--base", str(base), "--output", str(output)]) == 0
+    with safe_open(str(output), framework="pt") as file:
+        keys = list(file.keys())
+    assert keys and all(key.startswith("transformer.") for key in keys)
+    assert "Read by: ComfyUI, Forge" in capsys.readouterr().out
