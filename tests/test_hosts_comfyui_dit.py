@@ -119,6 +119,22 @@ def expected(setup, strength, base=None):
     return out
 
 
+def plain_factors(weight):
+    """(down, up) of a plain rank-2 LoRA for `weight`, seeded."""
+    generator = torch.Generator().manual_seed(9)
+    return (torch.randn(2, weight.shape[1], generator=generator) * 0.2,
+            torch.randn(weight.shape[0], 2, generator=generator) * 0.2)
+
+
+def chained(setup, target, update, order, strength=0.5):
+    """The formula for the Lie file at `strength` with a plain LoRA's `update` on `target` before or after it."""
+    if order == "lora first":
+        return expected(setup, strength, {**setup.base, target: setup.base[target] + update})
+    want = expected(setup, strength)
+    want[target] = want[target] + update
+    return want
+
+
 def assert_same(got, want, rtol=RTOL):
     worst = {}
     for module, value in want.items():
@@ -152,10 +168,7 @@ def test_chained_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):  # no
     """A diffusers-format Flux/SD3 LoRA (its rows of a fused weight that the Lie file also adapts), loaded by
     ComfyUI's stock LoraLoaderModelOnly, before or after the node."""
     target = PLAIN_TARGET[setup.family]
-    weight = setup.base[target]
-    generator = torch.Generator().manual_seed(9)
-    down, up = torch.randn(2, weight.shape[1], generator=generator) * 0.2, torch.randn(weight.shape[0], 2,
-                                                                                         generator=generator) * 0.2
+    down, up = plain_factors(setup.base[target])
     name = f"plain-{setup.family}.safetensors"
     save_file({f"transformer.{target}.lora_A.weight": down, f"transformer.{target}.lora_B.weight": up},
               str(comfy.loras / name))
@@ -164,13 +177,7 @@ def test_chained_with_a_plain_lora_loaded_by_comfyui(comfy, setup, order):  # no
     model = setup.patcher
     for step in (plain, lie) if order == "lora first" else (lie, plain):
         model = step(model)
-    update = 0.7 * up @ down
-    if order == "lora first":
-        want = expected(setup, 0.5, {**setup.base, target: setup.base[target] + update})
-    else:
-        want = expected(setup, 0.5)
-        want[target] = want[target] + update
-    assert_same(patched(setup, model), want)
+    assert_same(patched(setup, model), chained(setup, target, 0.7 * up @ down, order))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

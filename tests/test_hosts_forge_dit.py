@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_hosts_comfyui_dit import LORA_SECTION, PLAIN_TARGET, assert_same, diffusers_model, module_weights
-from test_hosts_dit import lie_file, linears, reference
+from test_hosts_comfyui_dit import (LORA_SECTION, PLAIN_TARGET, assert_same, chained, diffusers_model, expected,
+                                    module_weights, plain_factors)
+from test_hosts_dit import lie_file, linears
 from test_hosts_forge import CPU, FORGE, forge  # noqa: F401  (the Forge fixture)
 
 pytestmark = pytest.mark.skipif(not FORGE, reason="set LIE_FORGE_DIR to a Forge checkout to run these")
@@ -71,13 +72,6 @@ def applied(setup, patcher):
         patcher.lora_loader.refresh(lora_patches={}, force_refresh=True)
 
 
-def expected(setup, strength, base=None):
-    base = dict(base or setup.base)
-    for entry in setup.adapter.modules:
-        base[entry.module] = reference(base[entry.module], entry, strength).float()
-    return base
-
-
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
 def test_extension_patches_every_flux_module_exactly(forge, setup, strength):  # noqa: F811
     model = load(forge, setup.adapter.path, setup.patcher, strength)
@@ -90,10 +84,7 @@ def test_extension_patches_every_flux_module_exactly(forge, setup, strength):  #
 @pytest.mark.parametrize("order", ["lora first", "lie first"])
 def test_chained_with_a_plain_flux_lora_loaded_by_forge(forge, setup, order):  # noqa: F811
     target = PLAIN_TARGET["flux"]
-    weight = setup.base[target]
-    generator = torch.Generator().manual_seed(9)
-    down, up = torch.randn(2, weight.shape[1], generator=generator) * 0.2, torch.randn(weight.shape[0], 2,
-                                                                                         generator=generator) * 0.2
+    down, up = plain_factors(setup.base[target])
     keys = forge.lora.model_lora_keys_unet(setup.patcher.model, {})
     stem = f"transformer.{target}"
     patches, unmatched = forge.lora.load_lora({f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up},
@@ -109,13 +100,7 @@ def test_chained_with_a_plain_flux_lora_loaded_by_forge(forge, setup, order):  #
     for step in (plain, lambda m: load(forge, setup.adapter.path, m, 0.5)) if order == "lora first" else (
             lambda m: load(forge, setup.adapter.path, m, 0.5), plain):
         model = step(model)
-    update = 0.7 * up @ down
-    if order == "lora first":
-        want = expected(setup, 0.5, {**setup.base, target: setup.base[target] + update})
-    else:
-        want = expected(setup, 0.5)
-        want[target] = want[target] + update
-    assert_same(applied(setup, model), want)
+    assert_same(applied(setup, model), chained(setup, target, 0.7 * up @ down, order))
 
 
 def test_an_sd3_file_is_refused_naming_it(forge, setup, tmp_path):  # noqa: F811
