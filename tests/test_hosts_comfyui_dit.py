@@ -255,31 +255,43 @@ def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
             load_lie_adapter(None, clip, with_t5.path, 0, 1.0)
 
 
+def saved_adapter(model, family, directory):
+    """save_lie_weights' file for `model` adapted by lie-diffusion (every Linear, and SD3's patch conv; balanced
+    alphas), its factors random as if trained (B is zero at init)."""
+    from lie_diffusion import LieConfig, add_lie_adapters, save_lie_weights
+
+    adapted = copy.deepcopy(model)
+    add_lie_adapters(adapted, LieConfig(rank=2, preset="flux-all" if family == "flux" else "sd3-all"))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for key, parameter in adapted.named_parameters():
+            if "lora_" in key:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return save_lie_weights(directory, transformer=adapted)
+
+
+def merged_in_diffusers(model, path, strength):
+    """Module → weight of `model` with the file loaded by load_lie_weights at `strength`, then merged."""
+    from lie_diffusion import load_lie_weights, merge_lie_weights
+
+    model = copy.deepcopy(model)
+    load_lie_weights(model, path, scale=strength)
+    merge_lie_weights(model)
+    return {m: layer.weight.detach() for m, layer in linears(model).items()}
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
 def test_a_saved_file_through_the_node_equals_diffusers_merge(comfy, setup, strength):  # noqa: F811
-    """A file written by save_lie_weights from an adapted diffusers transformer (every Linear and SD3's patch conv,
-    balanced alphas), read by the model-only node from ComfyUI's loras folder, against diffusers: the same file
-    loaded by load_lie_weights at that strength and merged (merge_lie_weights)."""
-    from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, merge_lie_weights, save_lie_weights
-
+    """A file written by save_lie_weights, read by the model-only node from ComfyUI's loras folder, against
+    diffusers: the same file loaded by load_lie_weights at that strength and merged."""
     name = f"saved-{setup.family}.safetensors"
     if not (comfy.loras / name).exists():
-        adapted = copy.deepcopy(setup.model)
-        add_lie_adapters(adapted, LieConfig(rank=2, preset="flux-all" if setup.family == "flux" else "sd3-all"))
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():  # as if trained: B is zero at init
-            for key, parameter in adapted.named_parameters():
-                if "lora_" in key:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-        path = save_lie_weights(setup.tmp / "saved", transformer=adapted)
+        path = saved_adapter(setup.model, setup.family, setup.tmp / "saved")
         (comfy.loras / name).write_bytes(path.read_bytes())
     (model,) = comfy.nodes.NODE_CLASS_MAPPINGS["LieAdapterLoaderModelOnly"]().load_model_only(
         setup.patcher, name, strength)
-    reference_model = copy.deepcopy(setup.model)
-    load_lie_weights(reference_model, comfy.loras / name, scale=strength)
-    merge_lie_weights(reference_model)
-    want = {m: layer.weight.detach() for m, layer in linears(reference_model).items()}
-    assert sum(not torch.equal(want[m], setup.base[m]) for m in want) == len(want)  # every layer adapted
+    want = merged_in_diffusers(setup.model, comfy.loras / name, strength)
+    assert all(not torch.equal(want[m], setup.base[m]) for m in want)  # every layer adapted
     assert_same(patched(setup, model), want)
 
 

@@ -7,13 +7,12 @@ and a plain Flux LoRA, `ModelPatcher`, and `LoraLoader.refresh`, which applies e
 placed into Forge's model through Forge's own diffusers map. Compared per module with the formula.
 """
 
-import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_hosts_comfyui_dit import (LORA_SECTION, PLAIN_TARGET, assert_same, chained, diffusers_model, expected,
-                                    module_weights, plain_factors)
+                                    merged_in_diffusers, module_weights, plain_factors, saved_adapter)
 from test_hosts_dit import lie_file, linears
 from test_hosts_forge import CPU, FORGE, forge  # noqa: F401  (the Forge fixture)
 
@@ -110,3 +109,15 @@ def test_an_sd3_file_is_refused_naming_it(forge, setup, tmp_path):  # noqa: F811
                                          r"a SD3 transformer"):
         load(forge, wrong.path, setup.patcher, 1.0)
     assert not setup.patcher.lora_patches
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_a_saved_file_through_the_extension_equals_diffusers_merge(forge, setup, strength, tmp_path):  # noqa: F811
+    """The extension's own entry point (`load_lie_for_models`, what `<lora:name:t>` reaches) on a file written by
+    save_lie_weights from an adapted Flux transformer, against diffusers loading and merging it."""
+    path = saved_adapter(setup.model, "flux", tmp_path)
+    model, clip = forge.extension.load_lie_for_models(setup.patcher, None, path, strength, 0)
+    assert clip is None
+    want = merged_in_diffusers(setup.model, path, strength)
+    assert all(not torch.equal(want[m], setup.base[m]) for m in want)
+    assert_same(applied(setup, model), want)
