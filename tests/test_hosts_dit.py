@@ -343,3 +343,18 @@ def test_export_cli_on_a_flux_pipeline_folder(tmp_path, capsys):
         keys = list(file.keys())
     assert keys and all(key.startswith("transformer.") for key in keys)
     assert "Read by: ComfyUI, Forge" in capsys.readouterr().out
+
+
+def test_forge_calculator_applies_the_row_order_the_patch_carries():
+    """Forge hands extra_weight_calculators only (weight, strength, patch), no row order: the extension's patch
+    carries the one from the key map."""
+    from lie_diffusion.integrations.forge import PATCH_TYPE, calculate, lie_patch
+
+    entry = ModuleEntry("transformer", "norm_out.linear", "lie", torch.randn(1, 3) * 0.4,
+                        torch.arange(4.0).reshape(4, 1) * 0.3, 1.0, mode="exp")
+    module_weight = torch.randn(4, 3)
+    held = swap(module_weight)  # the host's order
+    kind, patch = lie_patch(entry, swap)
+    assert kind == PATCH_TYPE and patch.layout is swap
+    calculate(held, -1.0, patch)
+    torch.testing.assert_close(swap(held).double(), reference(module_weight, entry, -1.0))
