@@ -111,7 +111,8 @@ def refuse(adapter: LieFile, problems: list[str]) -> None:
         width = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
         blocks = (f"{transformer.get('num_layers')} double-stream and {transformer['num_single_layers']} single-stream"
                   if "num_single_layers" in transformer else transformer.get("num_layers"))
-        hint = f" (the file was saved for a {dit_family(transformer).upper()} transformer of width {width}: {blocks} blocks)"
+        hint = (f" (the file was saved for a {dit_family(transformer).upper()} transformer of width {width}: "
+                f"{blocks} blocks)")
     elif config:
         family = "SDXL" if is_sdxl(config) else "SD 1.x/2.x"
         hint = f" (the file was saved for an {family} UNet, block_out_channels {config.get('block_out_channels')})"
@@ -133,12 +134,11 @@ def host_weight(weights: Mapping[str, torch.Tensor], key) -> torch.Tensor | None
     that order, its own inverse; None or absent if the same)."""
     if isinstance(key, str):
         return weights.get(key)
-    name, offset, *layout = key
-    weight = weights.get(name)
+    weight, offset, layout = weights.get(key[0]), key[1], host_layout(key)
     if weight is None:
         return None
     weight = weight if offset is None else weight.narrow(*offset)
-    return layout[0](weight) if layout and layout[0] is not None else weight
+    return weight if layout is None else layout(weight)
 
 
 def host_layout(key):

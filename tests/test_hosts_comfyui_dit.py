@@ -224,8 +224,8 @@ def test_clip_encoders_through_the_node(comfy, family, tmp_path):  # noqa: F811
     clip, names = comfy_clip(comfy, pipe, "sd1" if family == "flux" else "sdxl")
     model = diffusers_model(family)
     generator, text_entries = torch.Generator().manual_seed(4), []
-    targets = [("text_encoder", "encoder.layers.0.self_attn.q_proj", "lie"), ("text_encoder", "encoder.layers.1.mlp.fc1",
-                                                                           "lora")]
+    targets = [("text_encoder", "encoder.layers.0.self_attn.q_proj", "lie"),
+               ("text_encoder", "encoder.layers.1.mlp.fc1", "lora")]
     if family != "flux":
         targets.append(("text_encoder_2", "encoder.layers.1.self_attn.out_proj", "lie"))
     for component, suffix, section in targets:  # CLIPTextModelWithProjection keeps `text_model.` in its names

@@ -245,7 +245,8 @@ def test_host_names_are_diffusers_names():
 
 def test_a_file_that_does_not_fit_is_refused_naming_file_module_and_base(tmp_path):
     """A Flux file on a Flux model of another width, and on an SD3 model: one error, nothing patched."""
-    model, wider = tiny("flux"), FluxTransformer2DModel(**{**FLUX, "attention_head_dim": 16, "axes_dims_rope": (4, 4, 8)})
+    model = tiny("flux")
+    wider = FluxTransformer2DModel(**{**FLUX, "attention_head_dim": 16, "axes_dims_rope": (4, 4, 8)})
     adapter = lie_file(model, ["transformer_blocks.0.attn.to_k", "single_transformer_blocks.1.proj_mlp"], tmp_path)
     weights = {f"diffusion_model.{k}": v for k, v in to_checkpoint(wider).items()}
     with pytest.raises(ValueError, match=r"adapter.safetensors: does not fit this model \(the file was saved for a "

@@ -1,9 +1,9 @@
 """Forge extension: `<lora:name:0.7>` with a lie-diffusion file gives the Lie model at 0.7, exactly.
 
-Forge applies LoRA files through a ComfyUI-style patcher, on SD1/SDXL UNets and Flux transformers. This extension registers a "lie" weight
-calculator (W ⊙ exp(t·sΔ) in float32) and routes lie-diffusion files, told apart by their metadata, to
-`load_lie_for_models`, so Forge's own loader never sees (and never rejects) their `lie.` keys; every other
-file takes Forge's usual path. Install with `lie-diffusion install forge PATH/TO/forge`. Forge (AGPL) is
+Forge applies LoRA files through a ComfyUI-style patcher (SD1/SDXL UNets, Flux transformers). This extension
+registers a "lie" weight calculator (W ⊙ exp(t·sΔ) in float32) and routes lie-diffusion files, told apart by
+their metadata, to `load_lie_for_models`, so Forge's own loader never sees (and never rejects) their `lie.` keys;
+every other file takes Forge's usual path. Install with `lie-diffusion install forge PATH/TO/forge`. Forge (AGPL) is
 imported only inside these functions, when Forge runs them.
 """
 
