@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser(
         "merge",
         help="fold an adapter into a base pipeline and write a standalone pipeline folder",
-        description="Load a diffusers pipeline, fold an adapter file into its UNet and text encoder(s) "
+        description="Load a diffusers pipeline (SD 1.x/2.x, SDXL, Flux.1, SD3/SD3.5), fold an adapter file into "
+        "its UNet or transformer and text encoder(s) "
         "(W ⊙ exp(sΔ) for Lie, W + sBA for LoRA) and save a pipeline folder that stock diffusers loads.",
     )
     merge.add_argument("--base", required=True, help="base diffusers pipeline folder (or hub id)")

@@ -1,11 +1,12 @@
 """Lie adapter methods for diffusers pipelines, named after diffusers' LoRA methods.
 
-Mix `LieLoaderMixin` into a pipeline class that has diffusers' LoRA loader (every Stable Diffusion
-and SDXL pipeline does), before it in the bases:
+Mix `LieLoaderMixin` into a pipeline class that has diffusers' LoRA loader (every Stable Diffusion,
+SDXL, Flux.1 and SD3/SD3.5 pipeline does), before it in the bases:
 
     class MyPipeline(LieLoaderMixin, StableDiffusionXLPipeline): ...
 
-or use the ready-made `LieStableDiffusionPipeline` / `LieStableDiffusionXLPipeline`. Lie adapters are
+or use the ready-made `LieStableDiffusionPipeline`, `LieStableDiffusionXLPipeline`, `LieFluxPipeline`,
+`LieStableDiffusion3Pipeline`. Lie adapters are
 peft LoRA layers underneath, so diffusers' own `fuse_lora`, `set_adapters`, `disable_lora` and
 `unload_lora_weights` act on them as well; the methods here add loading from lie-diffusion files and
 a scale setter that leaves the set of active adapters alone.
@@ -16,14 +17,20 @@ This module is part of the installed package; the community pipeline folders in 
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.tuners.lora import LoraLayer
 
-from .io import load_lie_weights
+from .inject import merge_lie_weights
+from .io import WEIGHT_NAME, load_lie_weights, save_lie_weights
+
+# The classes the community pipeline folders name (each folder drops the others from diffusers' shared module).
+COMMUNITY_PIPELINES = ("LieStableDiffusionPipeline", "LieStableDiffusionXLPipeline", "LieFluxPipeline",
+                       "LieStableDiffusion3Pipeline")
 
 
 class LieLoaderMixin:
-    """`load_lie_weights`, `fuse_lie`, `unfuse_lie`, `set_lie_scale`, `unload_lie_weights`."""
+    """`load_lie_weights`, `save_lie_weights`, `merge_lie_weights`, `fuse_lie`, `unfuse_lie`, `set_lie_scale`,
+    `unload_lie_weights`."""
 
     def load_lie_weights(self, path_or_dir, adapter_name: str | None = None, scale: float = 1.0, weight_name=None):
         """Load a lie-diffusion (or plain peft-style LoRA) file as a new adapter; it becomes the active one.
@@ -37,6 +44,18 @@ class LieLoaderMixin:
                 index += 1
                 adapter_name = f"default_{index}"
         load_lie_weights(self, path_or_dir, adapter_name=adapter_name, scale=scale, weight_name=weight_name)
+
+    def save_lie_weights(self, save_directory, adapter_name: str = "default", weight_name: str = WEIGHT_NAME):
+        """Write adapter `adapter_name` of every component that carries it (UNet or transformer, text encoders)."""
+        models = {component: getattr(self, component, None) for component in self._lora_loadable_modules}
+        models = {c: model for c, model in models.items() if adapter_name in (getattr(model, "peft_config", None) or {})}
+        if not models:
+            raise ValueError(f"No component of {type(self).__name__} has an adapter named {adapter_name!r}.")
+        return save_lie_weights(save_directory, adapter_name=adapter_name, weight_name=weight_name, **models)
+
+    def merge_lie_weights(self, adapter_names: list[str] | None = None):
+        """Fold the active (or named) adapters into the weights for good and drop the adapter layers."""
+        merge_lie_weights(self, adapter_names)
 
     def fuse_lie(self, components=None, lie_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None):
         """Fold the active (or named) adapters into the weights: W ⊙ exp(sΔ) for Lie, W + sBA for LoRA."""
@@ -85,3 +104,11 @@ class LieStableDiffusionPipeline(LieLoaderMixin, StableDiffusionPipeline):
 
 class LieStableDiffusionXLPipeline(LieLoaderMixin, StableDiffusionXLPipeline):
     """Stable Diffusion XL plus `load_lie_weights`, `fuse_lie`, ...; adapters on the UNet and both text encoders."""
+
+
+class LieFluxPipeline(LieLoaderMixin, FluxPipeline):
+    """Flux.1 plus `load_lie_weights`, `fuse_lie`, ...; adapters on the transformer and the CLIP text encoder."""
+
+
+class LieStableDiffusion3Pipeline(LieLoaderMixin, StableDiffusion3Pipeline):
+    """SD3 / SD3.5 plus `load_lie_weights`, `fuse_lie`, ...; adapters on the transformer and both CLIP encoders."""

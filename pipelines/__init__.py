@@ -4,6 +4,18 @@ The classes live in the installed package, `lie_diffusion.pipelines`; they are r
 that `from pipelines import LieLoaderMixin` keeps working in a checkout.
 """
 
-from lie_diffusion.pipelines import LieLoaderMixin, LieStableDiffusionPipeline, LieStableDiffusionXLPipeline
+from lie_diffusion.pipelines import (
+    LieFluxPipeline,
+    LieLoaderMixin,
+    LieStableDiffusion3Pipeline,
+    LieStableDiffusionPipeline,
+    LieStableDiffusionXLPipeline,
+)
 
-__all__ = ["LieLoaderMixin", "LieStableDiffusionPipeline", "LieStableDiffusionXLPipeline"]
+__all__ = [
+    "LieFluxPipeline",
+    "LieLoaderMixin",
+    "LieStableDiffusion3Pipeline",
+    "LieStableDiffusionPipeline",
+    "LieStableDiffusionXLPipeline",
+]

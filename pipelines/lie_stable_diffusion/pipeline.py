@@ -8,10 +8,11 @@ pipe.load_lie_weights("path/to/adapter")   # then fuse_lie, set_lie_scale, unloa
 The class lives in the installed package (`pip install lie-diffusion`); this folder only names it.
 """
 
-from lie_diffusion.pipelines import LieStableDiffusionPipeline
+from lie_diffusion.pipelines import COMMUNITY_PIPELINES, LieStableDiffusionPipeline
 
-# diffusers runs every local community `pipeline.py` into one cached module: drop the class a previous
-# load of the other lie-diffusion folder left there, or it finds two pipeline classes and refuses.
-globals().pop("LieStableDiffusionXLPipeline", None)
+# diffusers runs every local community `pipeline.py` into one cached module: drop the classes a previous
+# load of another lie-diffusion folder left there, or it finds two pipeline classes and refuses.
+for _other in set(COMMUNITY_PIPELINES) - {"LieStableDiffusionPipeline"}:
+    globals().pop(_other, None)
 
 __all__ = ["LieStableDiffusionPipeline"]
