@@ -203,12 +203,18 @@ def test_low_vram_path_on_half_weights(comfy, setup, dtype):  # noqa: F811
         assert ((got[module].float() - value).abs() <= value.abs() * half_ulp + 2**-25).all(), module
 
 
-def test_a_file_for_the_other_family_is_refused_and_nothing_patched(comfy, setup):  # noqa: F811
+def test_files_for_other_models_are_refused_and_nothing_patched(comfy, setup):  # noqa: F811
+    """The other transformer family's file, and an SD1 UNet file: one error naming the file and its base model."""
+    from test_export import _adapted
+
     other = "sd3.5" if setup.family == "flux" else "flux"
     wrong = lie_file(diffusers_model(other), list(linears(diffusers_model(other)))[:6], setup.tmp / "other")
     with pytest.raises(ValueError, match=r"other/adapter.safetensors: does not fit this model \(the file was saved "
                                          r"for a (FLUX|SD3) transformer"):
         load_lie_adapter(setup.patcher, None, wrong.path, 1.0, 0)
+    sd1 = _adapted(setup.tmp / "sd1", "sd1").path
+    with pytest.raises(ValueError, match=r"sd1/.*: does not fit this model \(the file was saved for an SD 1.x/2.x UNet"):
+        load_lie_adapter(setup.patcher, None, sd1, 1.0, 0)
     assert not setup.patcher.patches
 
 
