@@ -217,6 +217,7 @@ def dit_family(transformer_config) -> str:
 
 
 def _slot(key: str, part, block: tuple[str, ...], transformer_config) -> CheckpointSlot:
+    """The slot of a layout entry's `part` in checkpoint weight `key` of block `block` (its index, if any)."""
     if part in (SWAPPED, LAST_SWAPPED):
         return CheckpointSlot(key, swapped=part == SWAPPED or int(block[0]) == transformer_config["num_layers"] - 1)
     if part is None:
