@@ -13,7 +13,8 @@ file are already additive: they are copied with their true alpha.
 At strength t those tools apply W(1 + t·expm1(sΔ)), not the Lie model's W ⊙ exp(t·sΔ); the two agree
 at t = 1 only.
 
-Names: `naming.kohya_name` (SD1/2 diffusers-style, SDXL SGM).
+Names: `naming.kohya_name` (SD1/2 diffusers-style, SDXL SGM); for Flux.1 and SD3/SD3.5, `naming.dit_host_name`:
+diffusers' own names, which ComfyUI (Flux, SD3) and Forge (Flux) map onto rows of their fused weights.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .functional import LieFactor, lie_delta, lie_update
-from .io import COMPONENTS, LieFile, ModuleEntry, _atomic_write, _fingerprint_diff, _plan, read_lie_file
-from .naming import kohya_name
+from .io import COMPONENTS, DENOISERS, LieFile, ModuleEntry, _atomic_write, _fingerprint_diff, _plan, read_lie_file
+from .naming import dit_family, dit_host_name, kohya_name
 
 FORMATS = ("kohya",)
 CONV_MODES = ("exact", "lowrank", "auto")
@@ -46,14 +47,15 @@ STRENGTH_CAVEAT = (
 
 
 def load_models(path, components=COMPONENTS, role: str = "base") -> dict[str, nn.Module]:
-    """The UNet / text encoders of a diffusers pipeline folder (or a UNet folder), in float32."""
-    from diffusers import UNet2DConditionModel
+    """The denoiser (UNet, or Flux/SD3 transformer) / text encoders of a diffusers pipeline folder (or a UNet
+    folder), in float32."""
+    import diffusers
 
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
         if (path / "config.json").is_file() and "unet" in components:
-            return {"unet": UNet2DConditionModel.from_pretrained(str(path), torch_dtype=torch.float32)}
+            return {"unet": diffusers.UNet2DConditionModel.from_pretrained(str(path), torch_dtype=torch.float32)}
         raise ValueError(f"{path}: the {role} model is not a diffusers pipeline folder (no model_index.json).")
     listed = json.loads(index.read_text())
     models = {}
@@ -61,10 +63,11 @@ def load_models(path, components=COMPONENTS, role: str = "base") -> dict[str, nn
         library, class_name = (listed.get(component) or [None, None])[:2]
         if class_name is None:
             continue
-        if component == "unet":
-            models[component] = UNet2DConditionModel.from_pretrained(
-                str(path), subfolder="unet", torch_dtype=torch.float32
-            )
+        if component in DENOISERS:
+            model_class = getattr(diffusers, class_name, None) if library == "diffusers" else None
+            if model_class is None:
+                raise ValueError(f"{path}: {component} is a {library}.{class_name}; expected a diffusers model.")
+            models[component] = model_class.from_pretrained(str(path), subfolder=component, torch_dtype=torch.float32)
             continue
         import transformers
 
@@ -72,15 +75,15 @@ def load_models(path, components=COMPONENTS, role: str = "base") -> dict[str, nn
         if library != "transformers" or model_class is None:
             raise ValueError(f"{path}: {component} is a {library}.{class_name}; expected a transformers CLIP model.")
         models[component] = model_class.from_pretrained(str(path), subfolder=component, torch_dtype=torch.float32)
-    if "unet" not in models:
-        raise ValueError(f"{path}: the {role} pipeline has no unet.")
+    if not any(c in models for c in DENOISERS):
+        raise ValueError(f"{path}: the {role} pipeline has no {' or '.join(DENOISERS)}.")
     return models
 
 
 def check_base(adapter: LieFile, models: dict[str, nn.Module]) -> dict[str, dict[str, ModuleEntry]]:
-    """Refuse a base whose UNet config differs from the one the adapter was saved for, or whose modules do not
-    fit it; return, per component, the model's module name -> file entry."""
-    diff = _fingerprint_diff(adapter, models.get("unet"))
+    """Refuse a base whose UNet / transformer config differs from the one the adapter was saved for, or whose
+    modules do not fit it; return, per component, the model's module name -> file entry."""
+    diff = "; ".join(filter(None, (_fingerprint_diff(adapter, models.get(c), c) for c in DENOISERS)))
     if diff:
         raise ValueError(f"{adapter.path}: was saved for another base model ({diff}).")
     missing = [c for c in adapter.components if c not in models]
@@ -157,12 +160,12 @@ def export_kohya(
     if not 0 <= max_rel_error < 1:
         raise ValueError(f"--max-rel-error must be in [0, 1), got {max_rel_error}.")
     entries = check_base(adapter, models)
-    unet_config = models["unet"].config
+    host_name = host_namer(models)
     tensors, rows, names = {}, [], set()
     for component in (c for c in COMPONENTS if c in entries):
         for module_name, entry in sorted(entries[component].items()):
             weight = models[component].get_submodule(module_name).weight.detach()
-            name = kohya_name(component, module_name, unet_config)
+            name = host_name(component, module_name)
             if name in names:
                 raise ValueError(f"{entry.ref}: kohya name {name} is given twice.")
             names.add(name)
@@ -170,6 +173,21 @@ def export_kohya(
             tensors.update(written[0])
             rows.append(written[1])
     return tensors, rows
+
+
+def host_namer(models: dict[str, nn.Module]):
+    """(component, module) → the name the hosts read: kohya's for SD UNets, diffusers' for Flux/SD3."""
+    if "transformer" in models:
+        config = models["transformer"].config
+        return lambda component, module: dit_host_name(component, module, config)
+    return lambda component, module: kohya_name(component, module, models["unet"].config)
+
+
+def dit_readers(models: dict[str, nn.Module]) -> str | None:
+    """The hosts that read an export for a Flux/SD3 transformer (A1111 runs neither, Forge no SD3); None for SD."""
+    if "transformer" not in models:
+        return None
+    return "ComfyUI, Forge" if dit_family(models["transformer"].config) == "flux" else "ComfyUI"
 
 
 def _export_module(name, entry, weight, conv, rank, max_rel_error, dtype):
@@ -212,8 +230,9 @@ def _row(name, entry, written, rank, max_rank, update, out) -> ExportRow:
     )
 
 
-def summary(rows: list[ExportRow]) -> dict:
-    """Totals over all modules; `rel_error` is the error of the whole update: √Σerr² / √Σ‖ΔW‖²."""
+def summary(rows: list[ExportRow], read_by: str | None = None) -> dict:
+    """Totals over all modules; `rel_error` is the error of the whole update: √Σerr² / √Σ‖ΔW‖². `read_by`: who
+    reads the file, if not the SD hosts and diffusers."""
     norms = sum(r.update_norm**2 for r in rows)
     errors = sum(r.abs_error**2 for r in rows)
     counts = {kind: sum(r.written == kind for r in rows) for kind in ("lora", "locon", "diff")}
@@ -223,7 +242,7 @@ def summary(rows: list[ExportRow]) -> dict:
         "rel_error": math.sqrt(errors / norms) if norms > 0 else 0.0,
         "max_rel_error": max((r.rel_error for r in rows), default=0.0),
         **{f"{kind}_modules": n for kind, n in counts.items()},
-        "read_by": "ComfyUI, Forge, A1111" + ("" if counts["diff"] else ", diffusers load_lora_weights"),
+        "read_by": read_by or "ComfyUI, Forge, A1111" + ("" if counts["diff"] else ", diffusers load_lora_weights"),
     }
 
 
@@ -247,7 +266,8 @@ def format_report(rows: list[ExportRow], total: dict) -> str:
         f"as .diff; largest per-module error {total['max_rel_error']:.2e} (relative to that module's ΔW)."
     )
     lines.append(f"Read by: {total['read_by']}" + (
-        "." if not total["diff_modules"] else "; stock diffusers refuses .diff keys (use --conv lowrank for it)."
+        "." if not total["diff_modules"] or "diffusers" in total["read_by"] or "A1111" not in total["read_by"]
+        else "; stock diffusers refuses .diff keys (use --conv lowrank for it)."
     ))
     lines.append(STRENGTH_CAVEAT)
     return "\n".join(lines)
@@ -279,9 +299,9 @@ def export_file(
     adapter = read_lie_file(adapter_path)
     if adapter.info is None:
         raise ValueError(f"{adapter.path}: not a lie-diffusion file (no 'lie_diffusion' metadata).")
-    models = load_models(base, [c for c in COMPONENTS if c == "unet" or c in adapter.components])
+    models = load_models(base, [c for c in COMPONENTS if c in DENOISERS or c in adapter.components])
     tensors, rows = export_kohya(adapter, models, conv, rank, max_rel_error, DTYPES[dtype])
-    total = summary(rows)
+    total = summary(rows, dit_readers(models))
     from . import __version__
 
     report = {"writer": f"lie-diffusion {__version__}", "source": adapter.path.name, "conv": conv,

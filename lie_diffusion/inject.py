@@ -85,10 +85,15 @@ PRESETS = {
 DEFAULT_PRESETS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 
 
+def denoiser_class(model: nn.Module) -> str | None:
+    """The diffusers denoiser class `model` is (or subclasses), by name; None for anything else (text encoders)."""
+    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in DEFAULT_PRESETS), None)
+
+
 def model_family(model: nn.Module) -> str | None:
     """"unet", "flux" or "sd3" for the denoisers lie-diffusion knows; None for anything else (text encoders)."""
-    preset = DEFAULT_PRESETS.get(type(model).__name__)
-    return PRESETS[preset].family if preset else None
+    name = denoiser_class(model)
+    return PRESETS[DEFAULT_PRESETS[name]].family if name else None
 
 
 @dataclass
@@ -146,7 +151,7 @@ class LieConfig:
 
         A preset of another family than the model's is refused (text encoders take any preset)."""
         family = model_family(model)
-        name = self.preset or DEFAULT_PRESETS.get(type(model).__name__, "unet")
+        name = self.preset or DEFAULT_PRESETS.get(denoiser_class(model), "unet")
         preset = PRESETS[name]
         if family is not None and preset.family != family:
             choices = sorted(n for n, p in PRESETS.items() if p.family == family)

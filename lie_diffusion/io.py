@@ -33,7 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .functional import BALANCES, MODES, LieFactor, lie_delta, lie_multiplier
-from .inject import LieConfig, add_lie_adapters, find_targets, model_family, remove_adapter
+from .inject import LieConfig, add_lie_adapters, denoiser_class, find_targets, model_family, remove_adapter
 from .layers import LieLayerMixin, unwrap_layer
 
 FORMAT_VERSION = 1
@@ -304,7 +304,7 @@ def model_fingerprint(model: nn.Module) -> dict:
         return unet_fingerprint(model)
     config = model.config
     entries = {key: json.loads(json.dumps(config[key])) for key in DIT_FINGERPRINT_KEYS if key in config}
-    return {"_class_name": type(model).__name__, **entries}
+    return {"_class_name": denoiser_class(model), **entries}
 
 
 def denoiser_component(model: nn.Module) -> str:
@@ -585,11 +585,10 @@ def _fingerprint_diff(parsed: LieFile, model: nn.Module | None, component: str =
 
 def _check_model_class(parsed: LieFile, models: dict[str, nn.Module]) -> None:
     """A file saved for one transformer class (Flux, SD3) never loads into another, even where names and shapes fit."""
-    saved = ((parsed.info or {}).get("fingerprint") or {}).get("transformer") or {}
+    saved = (((parsed.info or {}).get("fingerprint") or {}).get("transformer") or {}).get("_class_name")
     model = models.get("transformer")
-    if model is not None and "transformer" in parsed.components and saved.get("_class_name", type(model).__name__) \
-            != type(model).__name__:
-        raise ValueError(f"{parsed.path}: the file was saved for a {saved['_class_name']}; this transformer is a "
+    if saved and model is not None and "transformer" in parsed.components and saved != denoiser_class(model):
+        raise ValueError(f"{parsed.path}: the file was saved for a {saved}; this transformer is a "
                          f"{type(model).__name__}.")
 
 

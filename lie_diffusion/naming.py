@@ -4,11 +4,16 @@ SD1.x/2.x UNets use kohya's diffusers-style names (`lora_unet_down_blocks_0_resn
 diffusers, ComfyUI, Forge and A1111 all map. SDXL uses the SGM/LDM names kohya trains with
 (`lora_unet_input_blocks_4_0_in_layers_2`), which A1111 needs for SDXL. Text encoders: `lora_te_`
 (SD1/2), `lora_te1_` / `lora_te2_` (SDXL).
+
+Diffusion transformers (Flux.1, SD3/SD3.5): the hosts hold them in the original checkpoints' layout (BFL's Flux,
+SAI's MMDiT), where one weight can hold several diffusers modules (`checkpoint_slot`), and read LoRA files in
+diffusers' own names (`dit_host_name`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # diffusers ResnetBlock2D submodule -> SGM/LDM ResBlock submodule
 _RESNET_TO_SGM = {
@@ -104,3 +109,155 @@ def kohya_name(component: str, module: str, unet_config, sgm_unet: bool = False)
 
 
 # ----------------------------------------------------------------------------------------------- models
+
+
+# ----------------------------------------------------------------------------------- diffusion transformers
+# diffusers module -> (checkpoint module, part). `{}` is a block index. A part is the module's place in a fused
+# weight: 0-2 q, k, v of a fused qkv (each `hidden` rows), 3 the MLP after them in Flux's single-block `linear1`
+# (4 · hidden rows); SWAPPED: the same rows with its (scale, shift) halves in the checkpoint's (shift, scale) order
+# (diffusers' AdaLayerNormContinuous); LAST_SWAPPED: swapped in the last block only (SD3's context_pre_only block).
+SWAPPED, LAST_SWAPPED = "swapped", "swapped in the last block"
+_FLUX_LAYOUT = {
+    "transformer_blocks.{}.attn.to_q": ("double_blocks.{}.img_attn.qkv", 0),
+    "transformer_blocks.{}.attn.to_k": ("double_blocks.{}.img_attn.qkv", 1),
+    "transformer_blocks.{}.attn.to_v": ("double_blocks.{}.img_attn.qkv", 2),
+    "transformer_blocks.{}.attn.add_q_proj": ("double_blocks.{}.txt_attn.qkv", 0),
+    "transformer_blocks.{}.attn.add_k_proj": ("double_blocks.{}.txt_attn.qkv", 1),
+    "transformer_blocks.{}.attn.add_v_proj": ("double_blocks.{}.txt_attn.qkv", 2),
+    "transformer_blocks.{}.attn.to_out.0": ("double_blocks.{}.img_attn.proj", None),
+    "transformer_blocks.{}.attn.to_add_out": ("double_blocks.{}.txt_attn.proj", None),
+    "transformer_blocks.{}.norm1.linear": ("double_blocks.{}.img_mod.lin", None),
+    "transformer_blocks.{}.norm1_context.linear": ("double_blocks.{}.txt_mod.lin", None),
+    "transformer_blocks.{}.ff.net.0.proj": ("double_blocks.{}.img_mlp.0", None),
+    "transformer_blocks.{}.ff.net.2": ("double_blocks.{}.img_mlp.2", None),
+    "transformer_blocks.{}.ff_context.net.0.proj": ("double_blocks.{}.txt_mlp.0", None),
+    "transformer_blocks.{}.ff_context.net.2": ("double_blocks.{}.txt_mlp.2", None),
+    "single_transformer_blocks.{}.attn.to_q": ("single_blocks.{}.linear1", 0),
+    "single_transformer_blocks.{}.attn.to_k": ("single_blocks.{}.linear1", 1),
+    "single_transformer_blocks.{}.attn.to_v": ("single_blocks.{}.linear1", 2),
+    "single_transformer_blocks.{}.proj_mlp": ("single_blocks.{}.linear1", 3),
+    "single_transformer_blocks.{}.proj_out": ("single_blocks.{}.linear2", None),
+    "single_transformer_blocks.{}.norm.linear": ("single_blocks.{}.modulation.lin", None),
+    "x_embedder": ("img_in", None),
+    "context_embedder": ("txt_in", None),
+    "time_text_embed.timestep_embedder.linear_1": ("time_in.in_layer", None),
+    "time_text_embed.timestep_embedder.linear_2": ("time_in.out_layer", None),
+    "time_text_embed.text_embedder.linear_1": ("vector_in.in_layer", None),
+    "time_text_embed.text_embedder.linear_2": ("vector_in.out_layer", None),
+    "time_text_embed.guidance_embedder.linear_1": ("guidance_in.in_layer", None),
+    "time_text_embed.guidance_embedder.linear_2": ("guidance_in.out_layer", None),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", SWAPPED),
+    "proj_out": ("final_layer.linear", None),
+}
+_SD3_LAYOUT = {
+    "transformer_blocks.{}.attn.to_q": ("joint_blocks.{}.x_block.attn.qkv", 0),
+    "transformer_blocks.{}.attn.to_k": ("joint_blocks.{}.x_block.attn.qkv", 1),
+    "transformer_blocks.{}.attn.to_v": ("joint_blocks.{}.x_block.attn.qkv", 2),
+    "transformer_blocks.{}.attn.add_q_proj": ("joint_blocks.{}.context_block.attn.qkv", 0),
+    "transformer_blocks.{}.attn.add_k_proj": ("joint_blocks.{}.context_block.attn.qkv", 1),
+    "transformer_blocks.{}.attn.add_v_proj": ("joint_blocks.{}.context_block.attn.qkv", 2),
+    "transformer_blocks.{}.attn2.to_q": ("joint_blocks.{}.x_block.attn2.qkv", 0),  # SD3.5's dual attention
+    "transformer_blocks.{}.attn2.to_k": ("joint_blocks.{}.x_block.attn2.qkv", 1),
+    "transformer_blocks.{}.attn2.to_v": ("joint_blocks.{}.x_block.attn2.qkv", 2),
+    "transformer_blocks.{}.attn.to_out.0": ("joint_blocks.{}.x_block.attn.proj", None),
+    "transformer_blocks.{}.attn.to_add_out": ("joint_blocks.{}.context_block.attn.proj", None),
+    "transformer_blocks.{}.attn2.to_out.0": ("joint_blocks.{}.x_block.attn2.proj", None),
+    "transformer_blocks.{}.norm1.linear": ("joint_blocks.{}.x_block.adaLN_modulation.1", None),
+    "transformer_blocks.{}.norm1_context.linear": ("joint_blocks.{}.context_block.adaLN_modulation.1", LAST_SWAPPED),
+    "transformer_blocks.{}.ff.net.0.proj": ("joint_blocks.{}.x_block.mlp.fc1", None),
+    "transformer_blocks.{}.ff.net.2": ("joint_blocks.{}.x_block.mlp.fc2", None),
+    "transformer_blocks.{}.ff_context.net.0.proj": ("joint_blocks.{}.context_block.mlp.fc1", None),
+    "transformer_blocks.{}.ff_context.net.2": ("joint_blocks.{}.context_block.mlp.fc2", None),
+    "pos_embed.proj": ("x_embedder.proj", None),
+    "context_embedder": ("context_embedder", None),
+    "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0", None),
+    "time_text_embed.timestep_embedder.linear_2": ("t_embedder.mlp.2", None),
+    "time_text_embed.text_embedder.linear_1": ("y_embedder.mlp.0", None),
+    "time_text_embed.text_embedder.linear_2": ("y_embedder.mlp.2", None),
+    "norm_out.linear": ("final_layer.adaLN_modulation.1", SWAPPED),
+    "proj_out": ("final_layer.linear", None),
+}
+# CLIP text encoders by family; the T5 encoders (Flux's text_encoder_2, SD3's text_encoder_3) have no name there
+_DIT_CLIP_ENCODERS = {"flux": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
+
+
+def _compiled(layout: dict) -> list[tuple[re.Pattern, re.Pattern, str, str, int | str | None]]:
+    """(diffusers pattern, checkpoint pattern, diffusers template, checkpoint template, part) per entry."""
+    return [(_pattern(module), _pattern(checkpoint), module, checkpoint, part)
+            for module, (checkpoint, part) in layout.items()]
+
+
+_LAYOUTS = {"flux": _compiled(_FLUX_LAYOUT), "sd3": _compiled(_SD3_LAYOUT)}
+
+
+@dataclass(frozen=True)
+class CheckpointSlot:
+    """Where a diffusers module's weight lives in a checkpoint-layout model: `key`'s rows [start, start + length)
+    (all rows if `rows` is None), with the (scale, shift) halves swapped if `swapped`."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+    swapped: bool = False
+
+
+def dit_family(transformer_config) -> str:
+    """"flux" (FluxTransformer2DModel: single-stream blocks) or "sd3" (SD3Transformer2DModel: a caption projection),
+    from a model's config or a file's fingerprint of it."""
+    name = transformer_config.get("_class_name")
+    if name == "FluxTransformer2DModel" or (name is None and "num_single_layers" in transformer_config):
+        return "flux"
+    if name == "SD3Transformer2DModel" or (name is None and "caption_projection_dim" in transformer_config):
+        return "sd3"
+    raise ValueError(f"not the config of a Flux.1 or SD3/SD3.5 transformer ({name or 'no class name'}, neither "
+                     "num_single_layers nor caption_projection_dim in it).")
+
+
+def _slot(key: str, part, block: tuple[str, ...], transformer_config) -> CheckpointSlot:
+    """The slot of a layout entry's `part` in checkpoint weight `key` of block `block` (its index, if any)."""
+    if part in (SWAPPED, LAST_SWAPPED):
+        return CheckpointSlot(key, swapped=part == SWAPPED or int(block[0]) == transformer_config["num_layers"] - 1)
+    if part is None:
+        return CheckpointSlot(key)
+    hidden = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    return CheckpointSlot(key, (part * hidden, 4 * hidden if part == 3 else hidden))  # Flux's MLP ratio: 4
+
+
+def checkpoint_slot(module: str, transformer_config) -> CheckpointSlot:
+    """The checkpoint weight (without `.weight`) holding a diffusers Flux/SD3 transformer module, and its rows."""
+    family = dit_family(transformer_config)
+    for pattern, _, _, checkpoint, part in _LAYOUTS[family]:
+        match = pattern.fullmatch(module)
+        if match:
+            return _slot(checkpoint.format(*match.groups()), part, match.groups(), transformer_config)
+    raise ValueError(f"transformer.{module}: not a {family.upper()} transformer module with a checkpoint name "
+                     "(attention, feed-forward, modulation and embedding Linears have one).")
+
+
+def diffusers_module(slot: CheckpointSlot, transformer_config) -> str:
+    """The inverse of `checkpoint_slot`: the diffusers module a checkpoint weight (or rows of it) holds."""
+    family = dit_family(transformer_config)
+    for _, pattern, module, _, part in _LAYOUTS[family]:
+        match = pattern.fullmatch(slot.key)
+        if match and _slot(slot.key, part, match.groups(), transformer_config) == slot:
+            return module.format(*match.groups())
+    raise ValueError(f"{slot}: no {family.upper()} transformer module is stored there.")
+
+
+def dit_host_name(component: str, module: str, transformer_config) -> str:
+    """The name ComfyUI and Forge read a Flux/SD3 LoRA module by: diffusers' own (`transformer.<module>`, CLIP
+    layers `text_encoder[_2].text_model.<module>`); the host maps it to its checkpoint-layout weight."""
+    family = dit_family(transformer_config)
+    if component == "transformer":
+        checkpoint_slot(module, transformer_config)  # raises for a module the checkpoint layout has not
+        return f"transformer.{module}"
+    if component not in _DIT_CLIP_ENCODERS[family]:
+        raise ValueError(f"{component}.{module}: the hosts read no adapter on a {family.upper()} pipeline's "
+                         f"{component} (T5 layers have no host name; CLIP encoders: {_DIT_CLIP_ENCODERS[family]}).")
+    module = module if module.startswith("text_model.") else "text_model." + module
+    if not _TEXT_MODULE_RE.fullmatch(module):
+        raise ValueError(f"{component}.{module}: the hosts name a text encoder's attention projections and MLP only.")
+    return f"{component}.{module}"

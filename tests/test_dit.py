@@ -99,6 +99,8 @@ def test_default_preset_is_the_family_one_with_lie_on_linear(transformers):
         config = LieConfig().resolved(transformers[kind])
         assert (config.preset, config.attn_adapter) == (preset, "lie")
         assert find_targets(transformers[kind], LieConfig()) == find_targets(transformers[kind], LieConfig(preset=preset))
+    subclass = type("MyFlux", (type(transformers["flux"]),), {})(**transformers["flux"].config)
+    assert LieConfig().resolved(subclass).preset == "flux"  # a subclass of a known class is of its family
     # a CLIP text encoder keeps today's default (LoRA on its attention) and takes any preset's CLIP targets
     clip = tiny_text_encoder()
     assert LieConfig().resolved(clip).attn_adapter == "lora"

@@ -5,7 +5,6 @@ is checked against the formula written out below. tests/test_hosts_comfyui.py ru
 """
 
 import importlib
-import math
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -102,13 +101,17 @@ def test_patch_math_against_the_formula(mode, strength, dtype):
     assert (error <= expected.abs() * (half_ulp + 2**-22) + 1e-12).all()  # float32 work, one rounding to dtype
 
 
-def test_patch_applies_the_hosts_function_to_the_update_and_writes_slices_in_place():
-    entry = ModuleEntry("unet", "linear", "lie", torch.full((1, 3), 0.5), torch.full((4, 1), 0.5), 1.0, mode="exp")
+def test_patch_applies_the_hosts_row_order_and_writes_slices_in_place():
+    """The host's `function` is the row order of the module in its weight (its own inverse, as ComfyUI's
+    scale/shift swap): the update is computed on the module's own rows and written back in the host's order."""
+    rows = torch.arange(1.0, 5.0).reshape(4, 1)
+    entry = ModuleEntry("unet", "linear", "lie", torch.full((1, 3), 0.5), 0.5 * rows, 1.0, mode="exp")
     weight = torch.ones(8, 3)
     view = weight.narrow(0, 4, 4)  # ComfyUI patches a slice of a fused weight through `offset`
-    LiePatch(entry).calculate_weight(view, "k", 1.0, 1.0, (0, 4, 4), lambda d: 2 * d, torch.float32, None)
+    LiePatch(entry).calculate_weight(view, "k", 1.0, 1.0, (0, 4, 4), lambda d: d.flip(0), torch.float32, None)
     assert torch.equal(weight[:4], torch.ones(4, 3))
-    assert torch.allclose(weight[4:], torch.full((4, 3), 1 + 2 * math.expm1(0.25)))
+    expected = torch.exp(0.25 * rows).flip(0).expand(4, 3)  # W ⊙ exp(sΔ) on the module's rows, then flipped
+    assert torch.allclose(weight[4:], expected)
 
 
 def test_strength_zero_is_the_identity_and_minus_one_undoes_exp():

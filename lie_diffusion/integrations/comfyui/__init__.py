@@ -1,8 +1,10 @@
 """ComfyUI nodes that load lie-diffusion files exactly: "Load Lie Adapter" (MODEL + CLIP) and a model-only variant.
 
 Lie layers become patches computing W ⊙ exp(t·sΔ) at the node's strength t; the file's LoRA section loads the
-way ComfyUI loads any LoRA. Install with `lie-diffusion install comfyui PATH/TO/ComfyUI`, with lie-diffusion
-installed in ComfyUI's Python. ComfyUI (GPL) is imported only inside these functions, when ComfyUI runs them.
+way ComfyUI loads any LoRA. SD1/2/SDXL UNets, Flux.1 and SD3/SD3.5 transformers (where a diffusers module can
+be rows of a fused weight, patched in place). Install with `lie-diffusion install comfyui PATH/TO/ComfyUI`, with
+lie-diffusion installed in ComfyUI's Python. ComfyUI (GPL) is imported only inside these functions, when ComfyUI
+runs them.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class LieAdapterLoader:
 
 
 class LieAdapterLoaderModelOnly(LieAdapterLoader):
-    """The UNet part only (text-encoder modules of the file are left out)."""
+    """The UNet or transformer part only (text-encoder modules of the file are left out)."""
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load_model_only"

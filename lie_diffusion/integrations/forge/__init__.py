@@ -1,9 +1,9 @@
 """Forge extension: `<lora:name:0.7>` with a lie-diffusion file gives the Lie model at 0.7, exactly.
 
-Forge applies LoRA files through a ComfyUI-style patcher. This extension registers a "lie" weight
-calculator (W ⊙ exp(t·sΔ) in float32) and routes lie-diffusion files, told apart by their metadata, to
-`load_lie_for_models`, so Forge's own loader never sees (and never rejects) their `lie.` keys; every other
-file takes Forge's usual path. Install with `lie-diffusion install forge PATH/TO/forge`. Forge (AGPL) is
+Forge applies LoRA files through a ComfyUI-style patcher (SD1/SDXL UNets, Flux transformers). This extension
+registers a "lie" weight calculator (W ⊙ exp(t·sΔ) in float32) and routes lie-diffusion files, told apart by
+their metadata, to `load_lie_for_models`, so Forge's own loader never sees (and never rejects) their `lie.` keys;
+every other file takes Forge's usual path. Install with `lie-diffusion install forge PATH/TO/forge`. Forge (AGPL) is
 imported only inside these functions, when Forge runs them.
 """
 
@@ -14,14 +14,16 @@ from lie_diffusion.hosts import TEXT_ENCODERS, UNET, LiePatch, is_lie_file, patc
 PATCH_TYPE = "lie"
 
 
-def lie_patch(entry) -> tuple[str, LiePatch]:
+def lie_patch(entry, layout=None) -> tuple[str, LiePatch]:
     """A patch value Forge's merge_lora_to_weight hands to extra_weight_calculators[PATCH_TYPE]."""
-    return PATCH_TYPE, LiePatch(entry)
+    return PATCH_TYPE, LiePatch(entry, layout)
 
 
 def calculate(weight, strength, patch: LiePatch):
-    """Forge's calculator signature; `weight` arrives in Forge's computation dtype, maybe a slice."""
-    return patch.calculate_weight(weight, None, strength, 1.0, None, lambda update: update)
+    """Forge's calculator signature; `weight` arrives in Forge's computation dtype, maybe a view of rows of a fused
+    Flux weight (updated in place: Forge keeps the full tensor). Forge does not pass the key's row order
+    function to calculators, so the patch carries it."""
+    return patch.calculate_weight(weight, None, strength, 1.0, None, patch.layout or (lambda rows: rows))
 
 
 def load_lie_for_models(model, clip, filename, strength_model, strength_clip, online_mode=False):
