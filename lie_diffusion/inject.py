@@ -68,7 +68,8 @@ PRESETS = {
     "unet": TargetPreset("unet", CONV_TARGETS, ATTN_TARGETS, "lora",
                          "ResNet and sampler convs (Lie), attention projections (LoRA)"),
     "flux": TargetPreset("flux", (), DIT_ATTN_TARGETS + DIT_FF_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
-                         "diffusers' DreamBooth LoRA targets: joint attention incl. context projections, feed-forwards"),
+                         "diffusers' DreamBooth LoRA targets: joint attention incl. context projections, "
+                         "feed-forwards"),
     "flux-all-linear": TargetPreset("flux", (), DIT_BLOCK_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
                                     "every Linear in the double and single blocks (kohya's Flux network)"),
     "flux-all": TargetPreset("flux", (), DIT_ALL_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
@@ -245,8 +246,9 @@ def balanced_overrides(model: nn.Module, config: LieConfig, convs: list[str], at
 def _check_targets(model: nn.Module, config: LieConfig, convs, attns, adapter_name: str, overrides) -> None:
     if not convs and not attns:
         raise ValueError(
-            f"LieConfig (preset {config.preset!r}) selects no module of {type(model).__name__}: conv_targets={config.conv_targets} matched no "
-            f"nn.Conv2d and attn_targets={config.attn_targets} (attn_adapter={config.attn_adapter!r}) no nn.Linear."
+            f"LieConfig (preset {config.preset!r}) selects no module of {type(model).__name__}: "
+            f"conv_targets={config.conv_targets} matched no nn.Conv2d and attn_targets={config.attn_targets} "
+            f"(attn_adapter={config.attn_adapter!r}) no nn.Linear."
         )
     if adapter_name in (getattr(model, "peft_config", None) or {}):
         raise ValueError(f"{type(model).__name__} already has an adapter named {adapter_name!r}.")
@@ -271,8 +273,9 @@ def add_lie_adapters(model: nn.Module, config: LieConfig, adapter_name: str = "d
     """Inject adapter `adapter_name` into `model` in place; only adapter parameters stay trainable.
 
     Works on a diffusers UNet2DConditionModel (SD1.x/2.x/SDXL), FluxTransformer2DModel (Flux.1),
-    SD3Transformer2DModel (SD3/SD3.5) and on a transformers CLIP text encoder. `overrides` maps module name → (rank, alpha) for modules that differ from `config`; their
-    alphas are used as given (the balancing rule applies to the other Lie modules).
+    SD3Transformer2DModel (SD3/SD3.5) and on a transformers CLIP text encoder. `overrides` maps module
+    name → (rank, alpha) for modules that differ from `config`; their alphas are used as given (the
+    balancing rule applies to the other Lie modules).
     The new factors are kept in float32 on a half-precision model (peft would cast them to the base
     dtype), so optimizer steps are not lost to rounding. On any error the model is left as it was.
     """

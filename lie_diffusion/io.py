@@ -3,8 +3,9 @@
 Layout (docs/FORMAT.md has the full spec):
 
 * LoRA section: `<component>.<module>.lora_A.weight` / `.lora_B.weight` (component: `unet` or
-  `transformer` (Flux.1, SD3/SD3.5), `text_encoder`, `text_encoder_2`), with diffusers' `lora_adapter_metadata` describing a plain
-  `LoraConfig`, so `pipe.load_lora_weights` applies these with the right alpha.
+  `transformer` (Flux.1, SD3/SD3.5), `text_encoder`, `text_encoder_2`), with diffusers'
+  `lora_adapter_metadata` describing a plain `LoraConfig`, so `pipe.load_lora_weights` applies these
+  with the right alpha.
 * Lie section: the same names under `lie.`; stock diffusers filters keys by component prefix and
   so never sees them (it would otherwise add them as LoRA: silently wrong).
 * `lie_diffusion` metadata: format version, mode, rank, alpha, per-module overrides, targets and a
@@ -75,7 +76,8 @@ DIT_FINGERPRINT_KEYS = (
     "out_channels",
 )
 _KEY_RE = re.compile(
-    r"(?P<lie>lie\.)?(?P<component>unet|transformer|text_encoder_2|text_encoder)\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight"
+    r"(?P<lie>lie\.)?(?P<component>unet|transformer|text_encoder_2|text_encoder)\.(?P<module>.+)"
+    r"\.lora_(?P<factor>[AB])\.weight"
 )
 
 

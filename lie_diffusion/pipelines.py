@@ -48,7 +48,7 @@ class LieLoaderMixin:
     def save_lie_weights(self, save_directory, adapter_name: str = "default", weight_name: str = WEIGHT_NAME):
         """Write adapter `adapter_name` of every component that carries it (UNet or transformer, text encoders)."""
         models = {component: getattr(self, component, None) for component in self._lora_loadable_modules}
-        models = {c: model for c, model in models.items() if adapter_name in (getattr(model, "peft_config", None) or {})}
+        models = {c: m for c, m in models.items() if adapter_name in (getattr(m, "peft_config", None) or {})}
         if not models:
             raise ValueError(f"No component of {type(self).__name__} has an adapter named {adapter_name!r}.")
         return save_lie_weights(save_directory, adapter_name=adapter_name, weight_name=weight_name, **models)

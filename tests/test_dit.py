@@ -53,7 +53,8 @@ EXPECTED = {
     ("flux", "flux"): ([], _in("transformer_blocks.0", JOINT_ATTN + FF) + _in("single_transformer_blocks.0", SINGLE[:3])
                        + _in("single_transformer_blocks.1", SINGLE[:3])),
     ("flux", "flux-all-linear"): ([], _in("transformer_blocks.0", JOINT_ATTN + FF + MODULATION)
-                                  + _in("single_transformer_blocks.0", SINGLE) + _in("single_transformer_blocks.1", SINGLE)),
+                                  + _in("single_transformer_blocks.0", SINGLE)
+                                  + _in("single_transformer_blocks.1", SINGLE)),
     ("flux", "flux-all"): ([], _in("transformer_blocks.0", JOINT_ATTN + FF + MODULATION) + FLUX_OUTER
                            + _in("single_transformer_blocks.0", SINGLE) + _in("single_transformer_blocks.1", SINGLE)),
     ("sd3", "sd3"): ([], _in("transformer_blocks.0", JOINT_ATTN) + _in("transformer_blocks.1", LAST_SD3_ATTN)),
@@ -98,7 +99,8 @@ def test_default_preset_is_the_family_one_with_lie_on_linear(transformers):
     for kind, preset in (("flux", "flux"), ("sd3", "sd3"), ("sd3.5", "sd3")):
         config = LieConfig().resolved(transformers[kind])
         assert (config.preset, config.attn_adapter) == (preset, "lie")
-        assert find_targets(transformers[kind], LieConfig()) == find_targets(transformers[kind], LieConfig(preset=preset))
+        default, named = LieConfig(), LieConfig(preset=preset)
+        assert find_targets(transformers[kind], default) == find_targets(transformers[kind], named)
     subclass = type("MyFlux", (type(transformers["flux"]),), {})(**transformers["flux"].config)
     assert LieConfig().resolved(subclass).preset == "flux"  # a subclass of a known class is of its family
     # a CLIP text encoder keeps today's default (LoRA on its attention) and takes any preset's CLIP targets
@@ -441,8 +443,8 @@ def test_two_adapters_compose_in_the_algebra():
             factors = [(layer.lora_A[a].weight, layer.lora_B[a].weight, w * s)
                        for a, w, s in (("a", 0.7, 1.0), ("b", -0.4, 1 / 3))]
             x = layer_input(layer.base_layer, generator)
-            torch.testing.assert_close(layer(x).double(), reference_output(layer.base_layer, reference_weight(W, factors), x),
-                                       rtol=1e-5, atol=1e-6, msg=name)
+            expected = reference_output(layer.base_layer, reference_weight(W, factors), x)
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def block_case(kind):
@@ -484,7 +486,8 @@ def test_gradients_match_finite_differences_on_a_dit_block(kind):
 
 def unchanged(pipe, directory):
     assert not any(pipe.get_list_adapters().values())
-    assert not any(isinstance(m, LoraLayer) for c in ("transformer", "text_encoder") for m in getattr(pipe, c).modules())
+    components = (pipe.transformer, pipe.text_encoder)
+    assert not any(isinstance(m, LoraLayer) for component in components for m in component.modules())
     torch.testing.assert_close(render(pipe), render(load_pipeline(directory)), rtol=0, atol=0)
 
 
@@ -499,8 +502,9 @@ def test_bad_files_are_refused_naming_file_module_and_shape(pipeline_dirs, tmp_p
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     cases = [
-        (wide_file, rf"{wide_file}: does not fit the model: lie\.transformer\.single_transformer_blocks\.0\.attn\.to_k: "
-                    r"factor shapes lora_A \(2, 48\), lora_B \(48, 2\) do not fit Linear \(32, 32\).*"
+        (wide_file, rf"{wide_file}: does not fit the model: "
+                    r"lie\.transformer\.single_transformer_blocks\.0\.attn\.to_k: factor shapes lora_A \(2, 48\), "
+                    r"lora_B \(48, 2\) do not fit Linear \(32, 32\).*"
                     r"attention_head_dim 24 \(file\) vs 16 \(model\)"),
         (deep_file, rf"{deep_file}: does not fit the model: .*transformer has no module "
                     r"'single_transformer_blocks\.2\.attn\.to_q'.*num_single_layers 3 \(file\) vs 2 \(model\)"),
