@@ -77,7 +77,7 @@ def main(args):
         with torch.no_grad():
             pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
             latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
+        noise = training.training_noise(args, latents)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)

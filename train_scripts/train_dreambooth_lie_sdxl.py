@@ -119,7 +119,7 @@ def main(args):
             else:
                 latents = (latents - latents_mean) * vae.config.scaling_factor / latents_std
             latents = latents.to(weight_dtype)
-        noise = torch.randn_like(latents)
+        noise = training.training_noise(args, latents)
         bsz, with_prior = latents.shape[0], args.with_prior_preservation
         if args.do_edm_style_training:
             # EDM conditions on noise levels: draw indices into the scheduler's (sigma-derived) timesteps.

@@ -34,6 +34,7 @@ from .checkpoints import (
 from .data import (
     INTERPOLATION,
     METADATA,
+    DatasetImages,
     DreamBoothDataset,
     ImageSet,
     caption_files,
@@ -45,11 +46,12 @@ from .data import (
     load_rgb,
     metadata_captions,
     sidecar_caption,
+    text_image_data,
 )
 from .errors import TrainingError
 from .flags import add_shared_arguments, adapter_config, check_args
 from .loop import finish_training, log_validation, train_loop
-from .losses import denoising_loss, noise_target
+from .losses import denoising_loss, noise_target, training_noise
 from .model_card import ModelFamily, save_model_card
 from .run import (
     add_adapters,
@@ -76,6 +78,7 @@ __all__ = [
     "checkpoint_steps",
     "collate_fn",
     "denoising_loss",
+    "DatasetImages",
     "DreamBoothDataset",
     "fast_sampler",
     "find_checkpoint",
@@ -106,6 +109,8 @@ __all__ = [
     "start_run",
     "train_loop",
     "TRAINING_STATE",
+    "training_noise",
+    "text_image_data",
     "TrainingError",
     "weight_dtype_of",
 ]

@@ -18,7 +18,8 @@ from diffusers.training_utils import cast_training_params
 from transformers import AutoConfig
 
 from ..inject import add_lie_adapters
-from .data import DreamBoothDataset, ImageSet, caption_files, caption_images, collate_fn, generate_class_images, list_images
+from .data import (DreamBoothDataset, ImageSet, caption_files, caption_images, collate_fn, generate_class_images,
+                   list_images, text_image_data)
 from .errors import TrainingError
 from .flags import adapter_config
 
@@ -30,7 +31,8 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
 
     `load_pipeline(torch_dtype, **components)` loads the base pipeline (for class images and validation).
     `find_unused_parameters`: some trained adapters may get no gradient in a step (DDP must not wait for them).
-    Returns (accelerator, instance, class_): the `ImageSet`s (images and their prompts) of each role.
+    Returns (accelerator, instance, class_): the `ImageSet`s (images and their prompts) of each role; a
+    text-to-image run (`args.task`) has its data set as the instance images and no class images.
     """
     accelerator = Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -47,10 +49,13 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
     # Data first: a bad folder should fail in a second, not after the models have loaded.
-    instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
-    if not instance_images:
-        raise TrainingError(f"Instance directory {args.instance_data_dir} holds no readable images.")
-    instance = caption_images(args, args.instance_data_dir, instance_images, args.instance_prompt, "Instance")
+    if args.task == "dreambooth":
+        instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
+        if not instance_images:
+            raise TrainingError(f"Instance directory {args.instance_data_dir} holds no readable images.")
+        instance = caption_images(args, args.instance_data_dir, instance_images, args.instance_prompt, "Instance")
+    else:  # a text-to-image data set: every image with its caption
+        instance = text_image_data(args)
 
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+# Copyright 2025 The lie-diffusion authors. Licensed under the Apache License, Version 2.0.
+"""Text-to-image fine-tuning of Stable Diffusion on a captioned data set, with Lie-group adapters (LieRA).
+
+The flags and the behaviour follow diffusers' `examples/text_to_image/train_text_to_image_lora.py`: a
+data set of images and captions (a style, many characters, hundreds of images) trains the UNet's
+convolutions with Lie adapters (W' = W ⊙ exp(Δ)) and its attention projections with LoRA (or Lie, or
+nothing: `--attn_adapter`); `--train_text_encoder` adapts the text encoder too. The result is one
+`pytorch_lora_weights.safetensors` that `lie_diffusion.load_lie_weights` puts back into a pipeline.
+
+    accelerate launch train_scripts/train_text_to_image_lie.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --train_data_dir my-images --caption_column text --output_dir lie-style
+
+The data: `--train_data_dir`, a folder of images with a `metadata.jsonl` (one JSON object a line:
+`{"file_name": "0001.png", "text": "a caption"}`), read without the `datasets` library so that a bad
+line is named by file and line; or `--dataset_name`, a `datasets` data set (a `save_to_disk` folder, or a
+name `load_dataset` reads). The training step is the DreamBooth script's (the same loss, checkpoints,
+exact resume, validation and save), so it is that script's `main` that runs here, on this data.
+"""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from lie_diffusion import training
+from lie_diffusion.training import TrainingError
+
+
+def _dreambooth_script():
+    """train_dreambooth_lie.py beside this file: its `main` trains on whatever data `args` names."""
+    path = Path(__file__).resolve().with_name("train_dreambooth_lie.py")
+    spec = importlib.util.spec_from_file_location("train_dreambooth_lie", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Text-to-image training of Stable Diffusion with Lie-group adapters.")
+    training.add_shared_arguments(parser, resolution=512, output_dir="lie-text-to-image-model",
+                                  text_encoders="the text encoder", task="text-to-image")
+    parser.add_argument("--tokenizer_name", type=str, default=None,
+                        help="Tokenizer name or path, if not the model's own.")
+    return training.check_args(parser.parse_args(input_args))
+
+
+def main(args):
+    _dreambooth_script().main(args)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except TrainingError as error:
+        sys.exit(f"error: {error}")
