@@ -196,3 +196,17 @@ def test_dataset_run_resumes_exactly(tiny_pipeline_dir, tmp_path, record_batches
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], load_weights(straight / "checkpoint-2")[k]) for k in a)
     assert re.search(r"lie\.unet\.", " ".join(a))
+
+
+def test_sdxl_variant_trains_both_text_encoders_on_the_captions(tiny_sdxl_pipeline_dir, tmp_path, record_batches):
+    t2i_sdxl = _load(REPO / "train_scripts" / "train_text_to_image_lie_sdxl.py")
+    saved, output = _saved_dataset(tmp_path), tmp_path / "out"
+    args = t2i_sdxl.parse_args(_common(tiny_sdxl_pipeline_dir, output, 2, "--dataset_name", saved, "--image_column",
+                                       "picture", "--caption_column", "caption", "--train_text_encoder",
+                                       "--noise_offset", "0.05"))
+    assert (args.task, args.pretrained_vae_model_name_or_path) == ("text-to-image", None)
+    t2i_sdxl.main(args)
+    assert len(record_batches) == 2
+    assert all(prompt in CAPTIONS[colour] for batch in record_batches for colour, prompt in batch)
+    assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder", "text_encoder_2"}
+    assert "# Lie text-to-image (Stable Diffusion XL)" in (output / "README.md").read_text()

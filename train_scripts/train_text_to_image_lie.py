@@ -15,40 +15,24 @@ nothing: `--attn_adapter`); `--train_text_encoder` adapts the text encoder too. 
 The data: `--train_data_dir`, a folder of images with a `metadata.jsonl` (one JSON object a line:
 `{"file_name": "0001.png", "text": "a caption"}`), read without the `datasets` library so that a bad
 line is named by file and line; or `--dataset_name`, a `datasets` data set (a `save_to_disk` folder, or a
-name `load_dataset` reads). The training step is the DreamBooth script's (the same loss, checkpoints,
-exact resume, validation and save), so it is that script's `main` that runs here, on this data.
+name `load_dataset` reads). Everything else (the loss, checkpoints, exact resume, validation, the save) is
+the DreamBooth script's: its `parse_args` and `main` run here, for the text-to-image task.
 """
 
-import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 from lie_diffusion import training
 from lie_diffusion.training import TrainingError
 
-
-def _dreambooth_script():
-    """train_dreambooth_lie.py beside this file: its `main` trains on whatever data `args` names."""
-    path = Path(__file__).resolve().with_name("train_dreambooth_lie.py")
-    spec = importlib.util.spec_from_file_location("train_dreambooth_lie", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+DREAMBOOTH = training.load_script(Path(__file__).resolve().with_name("train_dreambooth_lie.py"))
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Text-to-image training of Stable Diffusion with Lie-group adapters.")
-    training.add_shared_arguments(parser, resolution=512, output_dir="lie-text-to-image-model",
-                                  text_encoders="the text encoder", task="text-to-image")
-    parser.add_argument("--tokenizer_name", type=str, default=None,
-                        help="Tokenizer name or path, if not the model's own.")
-    return training.check_args(parser.parse_args(input_args))
+    return DREAMBOOTH.parse_args(input_args, task="text-to-image")
 
 
-def main(args):
-    _dreambooth_script().main(args)
-
+main = DREAMBOOTH.main
 
 if __name__ == "__main__":
     try:

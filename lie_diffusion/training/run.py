@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -83,6 +84,15 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator, instance, class_
+
+
+def load_script(path):
+    """A training script file as a module (scripts are no package): the text-to-image scripts run the
+    `parse_args` and `main` of their DreamBooth sibling."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
