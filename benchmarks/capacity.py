@@ -180,7 +180,8 @@ class Judge:
                                  truncation=True, return_tensors="pt").input_ids
         states = pipeline.text_encoder(ids)[0]
         prediction = pipeline.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
-        return float(torch.nn.functional.mse_loss(prediction, training.noise_target(scheduler, latents, noise, timesteps)))
+        target = training.noise_target(scheduler, latents, noise, timesteps)
+        return float(torch.nn.functional.mse_loss(prediction, target))
 
     def score(self, pipeline, split: str) -> dict:
         new, old, seed, (pixels, captions) = self.groups[split]
@@ -423,12 +424,8 @@ def plot(results: dict, out_dir: Path) -> list[str]:
                     yerr=[r["new_top1_std"] for r in mine], marker="o", capsize=3, label=method)
     ax.axhline(base["new_top1"], color="grey", linestyle=":", label="base model")
     ax.set(xscale="log", xlabel="adapter file size (KiB, log)", ylabel="new emoji named (top-1)",
-           title="Learning 24 new emoji at once")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    names.append("capacity_accuracy_vs_size.png")
-    fig.savefig(out_dir / names[-1], dpi=120)
-    plt.close(fig)
+           title=f"Learning {results['config']['concepts']} new emoji at once")
+    names.append(_save(fig, ax, out_dir / "capacity_accuracy_vs_size.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -441,12 +438,19 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     ax.scatter([base["old_top1"]], [base["new_top1"]], color="grey", marker="x", label="base model")
     ax.set(xlabel="pretrained emoji named (top-1): higher = less forgetting", ylabel="new emoji named (top-1)",
            title="Learning against forgetting (labels: rank)")
+    names.append(_save(fig, ax, out_dir / "capacity_tradeoff.png"))
+    return names
+
+
+def _save(fig, ax, path: Path) -> str:
+    """Legend, layout, PNG; returns the file name (the markdown links it beside itself)."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     fig.tight_layout()
-    names.append("capacity_tradeoff.png")
-    fig.savefig(out_dir / names[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return names
+    return path.name
 
 
 def parse_args(argv=None):
@@ -456,13 +460,15 @@ def parse_args(argv=None):
                         help="where the training pictures and every finished run are kept (the command resumes)")
     parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS], choices=[m.name for m in METHODS])
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
-    parser.add_argument("--seeds", type=int, default=3, help="test seeds per (method, rank); the first is the lr sweep's")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="test seeds per (method, rank); the first is the lr sweep's")
     parser.add_argument("--lr-grid", type=float, nargs="+", help="one grid for every method (default: per method)")
     parser.add_argument("--steps", type=int, default=400, help="training steps per run")
     parser.add_argument("--batch", type=int, default=8, help="pictures per step")
     parser.add_argument("--pictures", type=int, default=8, help="training pictures per new emoji")
     parser.add_argument("--concepts", type=int, default=len(HELD_OUT), choices=range(1, len(HELD_OUT) + 1),
-                        metavar=f"1..{len(HELD_OUT)}", help="teach the first N new emoji (all: the benchmark; fewer: tests)")
+                        metavar=f"1..{len(HELD_OUT)}",
+                        help="teach the first N new emoji (all: the benchmark; fewer: tests)")
     parser.add_argument("--pretrained", type=int, default=32,
                         help="pretrained emoji asked for (forgetting); the pipeline knows 32")
     parser.add_argument("--sample-steps", type=int, default=NUM_INFERENCE_STEPS)

@@ -125,7 +125,8 @@ def test_bad_data_is_named_by_file_and_line(tmp_path):
     assert error_of("--dataset_name", tmp_path / "no-train") == (
         f"--dataset_name {tmp_path / 'no-train'}: no 'train' split (its splits: test).")
     (tmp_path / "empty").mkdir()
-    assert error_of("--dataset_name", tmp_path / "empty").startswith(f"--dataset_name {tmp_path / 'empty'}: cannot load it")
+    assert error_of("--dataset_name", tmp_path / "empty").startswith(
+        f"--dataset_name {tmp_path / 'empty'}: cannot load it")
 
     for flags in ([], ["--train_data_dir", folder, "--dataset_name", saved]):
         with pytest.raises(training.TrainingError, match="Give the training data: --train_data_dir"):
@@ -153,7 +154,7 @@ def test_folder_run_end_to_end(tiny_pipeline_dir, tmp_path):
         "--num_validation_images", "1", "--center_crop"))
     assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder"}
     card = (output / "README.md").read_text()
-    assert f"trained on the images and captions of\n`{folder}`" in card and "dreambooth" not in card.lower()
+    assert f"trained on the images and captions of\n`{folder}`." in card and "dreambooth" not in card.lower()
     assert "`--train_data_dir`" in card and "`--instance_prompt`" not in card
     assert (output / "image_0.png").is_file()
 

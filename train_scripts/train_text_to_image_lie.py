@@ -19,6 +19,7 @@ name `load_dataset` reads). Everything else (the loss, checkpoints, exact resume
 the DreamBooth script's: its `parse_args` and `main` run here, for the text-to-image task.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -28,10 +29,7 @@ from lie_diffusion.training import TrainingError
 DREAMBOOTH = training.load_script(Path(__file__).resolve().with_name("train_dreambooth_lie.py"))
 
 
-def parse_args(input_args=None):
-    return DREAMBOOTH.parse_args(input_args, task="text-to-image")
-
-
+parse_args = functools.partial(DREAMBOOTH.parse_args, task="text-to-image")
 main = DREAMBOOTH.main
 
 if __name__ == "__main__":

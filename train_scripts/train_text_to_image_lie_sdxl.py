@@ -16,6 +16,7 @@ Everything but the data is the SDXL DreamBooth script's: its `parse_args` and `m
 text-to-image task.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -25,10 +26,7 @@ from lie_diffusion.training import TrainingError
 DREAMBOOTH = training.load_script(Path(__file__).resolve().with_name("train_dreambooth_lie_sdxl.py"))
 
 
-def parse_args(input_args=None):
-    return DREAMBOOTH.parse_args(input_args, task="text-to-image")
-
-
+parse_args = functools.partial(DREAMBOOTH.parse_args, task="text-to-image")
 main = DREAMBOOTH.main
 
 if __name__ == "__main__":

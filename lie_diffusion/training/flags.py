@@ -204,7 +204,8 @@ def check_args(args):
 
     Returns `args`."""
     if args.task != "dreambooth" and (args.train_data_dir is None) == (args.dataset_name is None):
-        raise TrainingError("Give the training data: --train_data_dir (an image folder) or --dataset_name, one of them.")
+        raise TrainingError("Give the training data: --train_data_dir (an image folder) or --dataset_name, "
+                            "one of them.")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     if args.caption_extension and args.caption_column:

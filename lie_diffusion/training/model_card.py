@@ -73,7 +73,8 @@ inference: true
 
 # {title} ({family.title}) - {output_dir.name}
 
-Lie-group adapter (LieRA) weights for `{args.pretrained_model_name_or_path}`, trained {trained}. {_adapters(args, family)}
+Lie-group adapter (LieRA) weights for `{args.pretrained_model_name_or_path}`, trained {trained}.
+{_adapters(args, family)}
 Trained components: {", ".join(components)}.{f" VAE used in training: `{vae}`." if vae else ""}{captions}
 
 {gallery}
