@@ -35,12 +35,12 @@ So a (method, rank) costs 3 + (seeds - 1) runs; the full grid is 6 methods x 5 r
 Cost, measured on a 2-core CPU shared with other work (load average 8 to 10), one job, one thread: one
 run of the default size (400 steps of batch 8 over 192 pictures at about 1.85 steps/s, then 136 samples at
 25 steps and the held-out losses, on both splits) took 287 s: 216 s training, 70 s scoring; the base
-model's scoring adds 70 s once per invocation. The full grid (155 runs) therefore takes about 12.5 hours in
-one process, about half with `--jobs 2` on an idle machine. Split it: every finished run is kept in
-<workdir>/runs.jsonl and a later invocation with the same `--workdir` and result flags reuses it, so an
-interrupted command resumes, and `--methods`, `--ranks` and `--seeds` subsets can run on different days
-(then run the whole command once more: it only tabulates and plots). If even that does not fit, drop ranks
-2 and 8 before methods, and methods before seeds (3 seeds are the minimum to report).
+model's scoring adds 70 s once per invocation. The full grid (155 runs) therefore takes about 12.5 hours
+in one process; `--jobs 2` runs two at a time (not measured: the machine was busy). Split it: every
+finished run is kept in <workdir>/runs.jsonl and a later invocation with the same `--workdir` and result
+flags reuses it, so an interrupted command resumes, and `--methods`, `--ranks` and `--seeds` subsets can
+run on different days (then run the whole command once more: it only tabulates and plots). If even that
+does not fit, drop ranks 2 and 8 before methods, and methods before seeds (3 seeds are the minimum).
 
 That measured run (lie-default, rank 4, lr 3e-3, seed 0) on the validation split named 2 of 24 new emoji
 and 1 of 32 pretrained ones (the base model: 0 and 23): at 3e-3 this task overwrites what the model
@@ -53,7 +53,6 @@ import argparse
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import statistics
@@ -120,10 +119,7 @@ METRICS = {"new_top1": "new emoji named (top-1)", "old_top1": "pretrained emoji 
 
 @functools.cache
 def training_script():
-    spec = importlib.util.spec_from_file_location("train_text_to_image_lie", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return training.load_script(SCRIPT)
 
 
 def write_pictures(renders, concepts, directory: Path, pictures: int) -> None:
