@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate import PartialState
 from PIL import Image
-from test_train import REPO, _load, checkpoints, load_weights, run
+from test_train import REPO, _driver, _env, _load, _steps, checkpoints, load_weights, run
 from test_train_captions import COLOURS, _colour_of, _images, record_batches  # noqa: F401 (a fixture)
 
 from lie_diffusion import load_lie_weights, training
@@ -143,15 +143,20 @@ def _common(model, output, steps, *flags):
 
 
 def test_folder_run_end_to_end(tiny_pipeline_dir, tmp_path):
-    """accelerate launch, bf16, text encoder, noise offset, Min-SNR, validation: a file that loads and changes
-    the pipeline. Then bad data stops a run at start-up, naming the file and line."""
+    """Two processes under DDP (torchrun), bf16, text encoder, noise offset, Min-SNR, validation: the processes
+    stay in step, and the file loads and changes the pipeline. Then bad data stops a run at start-up, naming
+    the file and line."""
     folder, output = _folder(tmp_path), tmp_path / "out"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "bf16", "--dynamo_backend", "no", str(SCRIPT)]
-    run(launch + _common(
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(_driver(tmp_path, SCRIPT))]
+    result = run(command + _common(
         tiny_pipeline_dir, output, 2, "--train_data_dir", folder, "--mixed_precision", "bf16", "--train_text_encoder",
         "--noise_offset", "0.1", "--snr_gamma", "5", "--validation_prompt", "a red square",
-        "--num_validation_images", "1", "--center_crop"))
+        "--num_validation_images", "1", "--center_crop"), env=_env(ACCELERATE_USE_CPU="1"))
+    assert "Num processes: 2" in result.stdout + result.stderr
+    steps = _steps(result)
+    per_rank = {rank: [total for r, _, total in steps if r == rank] for rank in ("0", "1")}
+    assert len(per_rank["0"]) == 2 and per_rank["0"] == per_rank["1"]
+    assert {dtypes for _, dtypes, _ in steps} == {"torch.float32"}  # adapters in fp32 under bf16
     assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder"}
     card = (output / "README.md").read_text()
     assert f"trained on the images and captions of\n`{folder}`." in card and "dreambooth" not in card.lower()
