@@ -123,8 +123,8 @@ def training_script():
 
 
 def write_pictures(renders, concepts, directory: Path, pictures: int) -> None:
-    """`pictures` renders of each new emoji (`concepts`) (random size and place, the training colours in turn) and their
-    captions, as an image folder with metadata.jsonl."""
+    """`pictures` renders of each new emoji in `concepts` (random size and place, the training colours in turn)
+    and their captions, as an image folder with metadata.jsonl."""
     from PIL import Image
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -290,17 +290,25 @@ def setup_key(args, pipeline_dir: Path, classifier_file: Path) -> str:
     return json.dumps(setup, sort_keys=True)
 
 
+def definition(method_name: str) -> list:
+    """What a method is (its script flags or its peer adapter): a run of an older definition is not reused."""
+    method = BY_NAME.get(method_name)  # None: a method this version no longer has
+    return method and [list(method.script_flags), method.peer]
+
+
 def finished_runs(workdir: Path, setup: str) -> dict[tuple, dict]:
-    """(method, rank, seed, lr) -> record, for the runs in <workdir>/runs.jsonl made with this setup."""
+    """(method, rank, seed, lr) -> record, for the runs in <workdir>/runs.jsonl made with this setup and the
+    methods as they are defined now."""
     path = workdir / "runs.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return {(r["method"], r["rank"], r["seed"], r["lr"]): r for r in records if r.pop("setup") == setup}
+    return {(r["method"], r["rank"], r["seed"], r["lr"]): r for r in records
+            if (r.pop("setup"), r.pop("definition")) == (setup, definition(r["method"]))}
 
 
 def keep(workdir: Path, setup: str, record: dict) -> dict:
     """Append a finished run to <workdir>/runs.jsonl as it comes: an interrupted benchmark keeps it."""
     with open(workdir / "runs.jsonl", "a") as handle:
-        handle.write(json.dumps({**record, "setup": setup}) + "\n")
+        handle.write(json.dumps({**record, "setup": setup, "definition": definition(record["method"])}) + "\n")
     return record
 
 
