@@ -216,3 +216,19 @@ def test_sdxl_variant_trains_both_text_encoders_on_the_captions(tiny_sdxl_pipeli
     assert all(prompt in CAPTIONS[colour] for batch in record_batches for colour, prompt in batch)
     assert {k.split(".")[0] for k in load_weights(output)} == {"lie", "unet", "text_encoder", "text_encoder_2"}
     assert "# Lie text-to-image (Stable Diffusion XL)" in (output / "README.md").read_text()
+
+
+def test_noise_offset_adds_one_constant_per_image_and_channel():
+    """--noise_offset s: the Gaussian noise plus s times a standard normal per (image, channel), as in diffusers."""
+    from types import SimpleNamespace
+
+    latents = torch.zeros(64, 4, 8, 8)
+    torch.manual_seed(0)
+    plain = training.training_noise(SimpleNamespace(noise_offset=0.0), latents)
+    torch.manual_seed(0)
+    offset = training.training_noise(SimpleNamespace(noise_offset=0.5), latents)
+    assert plain.shape == latents.shape
+    difference = offset - plain  # the same Gaussian draw first, then the offsets
+    per_channel = difference[:, :, :1, :1]
+    torch.testing.assert_close(difference, per_channel.expand_as(difference), rtol=0, atol=1e-6)  # (a + c) - a
+    assert 0.4 < per_channel.std().item() < 0.6 and abs(per_channel.mean().item()) < 0.1
