@@ -156,26 +156,45 @@ def attach_hira(model, targets, rank):
     return _peft_attach(model, targets, HiraConfig(r=rank, target_modules=list(targets)))
 
 
-def attach_locon(model, targets, rank):
-    """LyCORIS LoCon ("locon" algo, its default weight-rebuild forward) on exactly `targets`.
+def attach_lycoris(algo: str):
+    """A LyCORIS algorithm ("locon", "loha", "lokr"; its default weight-rebuild forward) on exactly `targets`.
 
     LyCORIS takes its targets from class-level presets, so this sets them on `LycorisNetwork` itself.
     """
-    from lycoris import LycorisNetwork
 
-    LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [], "target_name": [f"{t}$" for t in _exact(targets)]})
-    network = LycorisNetwork(model, multiplier=1.0, lora_dim=rank, conv_lora_dim=rank, alpha=rank, conv_alpha=rank,
-                             network_module="locon", warn_on_unmatched=False)
-    if len(network.loras) != len(targets):
-        raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(targets)}.")
-    network.apply_to()
-    return Adapted(list(network.parameters()), network.restore)  # the bound method keeps the network alive
+    def attach(model, targets, rank):
+        from lycoris import LycorisNetwork
+
+        LycorisNetwork.apply_preset({"enable_conv": True, "target_module": [],
+                                     "target_name": [f"{t}$" for t in _exact(targets)]})
+        network = LycorisNetwork(model, multiplier=1.0, lora_dim=rank, conv_lora_dim=rank, alpha=rank,
+                                 conv_alpha=rank, network_module=algo, warn_on_unmatched=False)
+        if len(network.loras) != len(targets):
+            raise RuntimeError(f"LyCORIS wrapped {len(network.loras)} modules, expected {len(targets)}.")
+        network.apply_to()
+        return Adapted(list(network.parameters()), network.restore)  # the bound method keeps the network alive
+
+    return attach
+
+
+def attach_dora(model, targets, rank):
+    """peft's DoRA (LoRA with a learned per-output-channel magnitude) on `targets`, convs included."""
+    from peft import LoraConfig
+
+    return _peft_attach(model, targets, LoraConfig(r=rank, lora_alpha=rank, use_dora=True,
+                                                   target_modules=list(targets)))
 
 
 def attach_floor(model, targets, rank):
     """The method's floor: frozen model, full weight gradients on the targeted convs, no optimizer."""
     weights = [model.get_submodule(t).weight for t in targets]
     return Adapted(weights, lambda: [w.requires_grad_(False) for w in weights], optimize=False)
+
+
+def attach_full_targets(model, targets, rank):
+    """Full fine-tuning of the targeted layers' weights: what every adapter on `targets` approximates."""
+    weights = [model.get_submodule(t).weight for t in targets]
+    return Adapted(weights, lambda: [w.requires_grad_(False) for w in weights])
 
 
 def attach_full(model, targets, rank):
@@ -189,9 +208,13 @@ METHODS: dict[str, Callable[..., Adapted]] = {
     "lie-taylor": attach_lie("taylor"),
     "peft-lora": attach_lora,
     "peft-hira": attach_hira,
-    "lycoris-locon": attach_locon,
+    "lycoris-locon": attach_lycoris("locon"),
+    "lycoris-loha": attach_lycoris("loha"),
+    "lycoris-lokr": attach_lycoris("lokr"),
+    "peft-dora": attach_dora,
     "floor": attach_floor,
     "full": attach_full,
+    "full-targets": attach_full_targets,
 }
 TRAIN_PEERS = ("lie-exp", "lie-taylor", "peft-lora", "peft-hira", "lycoris-locon", "floor")
 

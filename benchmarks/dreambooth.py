@@ -195,26 +195,31 @@ def training_script():
 
 @contextlib.contextmanager
 def swapped_adapter(attach):
-    """Run the training script with `attach(unet) -> params` instead of its Lie adapters.
+    """Run the training script with `attach(model) -> params` instead of its Lie adapters, on the UNet (and
+    with `--train_text_encoder` on the text encoders too).
 
-    Everything else in the script stays as it is; at the end the trained UNet is kept (in the yielded
-    dict) instead of being saved as a Lie file. Parameters that live outside the UNet (LyCORIS keeps
-    its modules in a network object) are registered on it, so the script's optimizer finds them.
+    Everything else in the script stays as it is; at the end the trained models are kept (in the yielded
+    dict: "unet", and "models" by component name) instead of being saved as a Lie file. Parameters that
+    live outside a model (LyCORIS keeps its modules in a network object) are registered on it, so the
+    script's optimizer finds them.
     """
-    kept = {}
+    kept = {"params": []}
 
     def add_adapters(args, accelerator, unet, text_encoders):
-        unet.requires_grad_(False).to(accelerator.device)
-        params = attach(unet)
-        inside = {id(p) for p in unet.parameters()}
-        outside = [p for p in params if id(p) not in inside]
-        if outside:
-            unet.register_module("peer_adapter", torch.nn.ParameterList(outside))
-        kept["params"] = params
-        return [unet]
+        trained = [unet, *text_encoders] if args.train_text_encoder else [unet]
+        for model in (unet, *text_encoders):
+            model.requires_grad_(False).to(accelerator.device)
+        for model in trained:
+            params = attach(model)
+            inside = {id(p) for p in model.parameters()}
+            outside = [p for p in params if id(p) not in inside]
+            if outside:
+                model.register_module("peer_adapter", torch.nn.ParameterList(outside))
+            kept["params"] += params
+        return trained
 
     def finish_training(args, accelerator, family, adapted_models, load_pipeline, step, **_):
-        kept["unet"] = adapted_models["unet"]
+        kept["unet"], kept["models"] = adapted_models["unet"], dict(adapted_models)
         accelerator.end_training()
 
     saved = training.add_adapters, training.finish_training

@@ -26,10 +26,12 @@ from lie_diffusion.training import DreamBoothDataset, TrainingError, adapter_con
 from lie_diffusion.training.sd import FAMILY, PromptEncoder
 
 
-def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="DreamBooth training of Stable Diffusion with Lie-group adapters.")
-    training.add_shared_arguments(parser, resolution=512, output_dir="lie-dreambooth-model",
-                                  text_encoders="the text encoder")
+def parse_args(input_args=None, task="dreambooth"):
+    """The flags; `task` "text-to-image" gives those of train_text_to_image_lie.py (a captioned data set)."""
+    what = {"dreambooth": "DreamBooth", "text-to-image": "Text-to-image"}[task]
+    parser = argparse.ArgumentParser(description=f"{what} training of Stable Diffusion with Lie-group adapters.")
+    training.add_shared_arguments(parser, resolution=512, output_dir=f"lie-{task}-model",
+                                  text_encoders="the text encoder", task=task)
     parser.add_argument("--tokenizer_name", type=str, default=None,
                         help="Tokenizer name or path, if not the model's own.")
     return training.check_args(parser.parse_args(input_args))
@@ -77,7 +79,7 @@ def main(args):
         with torch.no_grad():
             pixel_values = batch["pixel_values"].to(dtype=weight_dtype)
             latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
+        noise = training.training_noise(args, latents)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)

@@ -31,10 +31,13 @@ from lie_diffusion.training import sdxl
 from lie_diffusion.training.sdxl import FAMILY, TEXT_ENCODERS, check_sdxl_model
 
 
-def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="DreamBooth training of SDXL with Lie-group adapters.")
-    training.add_shared_arguments(parser, resolution=1024, output_dir="lie-dreambooth-sdxl-model",
-                                  text_encoders="both text encoders (saved as text_encoder and text_encoder_2)")
+def parse_args(input_args=None, task="dreambooth"):
+    """The flags; `task` "text-to-image" gives those of train_text_to_image_lie_sdxl.py (a captioned data set)."""
+    what = {"dreambooth": "DreamBooth", "text-to-image": "Text-to-image"}[task]
+    parser = argparse.ArgumentParser(description=f"{what} training of SDXL with Lie-group adapters.")
+    training.add_shared_arguments(parser, resolution=1024, output_dir=f"lie-{task}-sdxl-model",
+                                  text_encoders="both text encoders (saved as text_encoder and text_encoder_2)",
+                                  task=task)
     parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                         help="A VAE to use instead of the model's own, e.g. madebyollin/sdxl-vae-fp16-fix "
                              "(SDXL's VAE overflows in fp16). With it, the VAE runs in the weight dtype; "
@@ -119,7 +122,7 @@ def main(args):
             else:
                 latents = (latents - latents_mean) * vae.config.scaling_factor / latents_std
             latents = latents.to(weight_dtype)
-        noise = torch.randn_like(latents)
+        noise = training.training_noise(args, latents)
         bsz, with_prior = latents.shape[0], args.with_prior_preservation
         if args.do_edm_style_training:
             # EDM conditions on noise levels: draw indices into the scheduler's (sigma-derived) timesteps.

@@ -38,6 +38,7 @@ from .checkpoints import (
 from .data import (
     INTERPOLATION,
     METADATA,
+    DatasetImages,
     DreamBoothDataset,
     ImageSet,
     caption_files,
@@ -49,11 +50,12 @@ from .data import (
     load_rgb,
     metadata_captions,
     sidecar_caption,
+    text_image_data,
 )
 from .errors import TrainingError
 from .flags import adapter_config, add_shared_arguments, add_transformer_arguments, check_args
 from .loop import finish_training, log_validation, train_loop
-from .losses import denoising_loss, noise_target
+from .losses import denoising_loss, noise_target, training_noise
 from .model_card import ModelFamily, save_model_card
 from .run import (
     add_adapters,
@@ -61,6 +63,7 @@ from .run import (
     build_lr_scheduler,
     build_optimizer,
     load_model,
+    load_script,
     load_text_encoder,
     start_run,
     weight_dtype_of,
@@ -81,6 +84,7 @@ __all__ = [
     "checkpoint_steps",
     "collate_fn",
     "denoising_loss",
+    "DatasetImages",
     "DreamBoothDataset",
     "fast_sampler",
     "find_checkpoint",
@@ -91,6 +95,7 @@ __all__ = [
     "list_images",
     "load_adapters_in_place",
     "load_model",
+    "load_script",
     "load_rgb",
     "load_state_file",
     "load_text_encoder",
@@ -111,6 +116,8 @@ __all__ = [
     "start_run",
     "train_loop",
     "TRAINING_STATE",
+    "training_noise",
+    "text_image_data",
     "TrainingError",
     "weight_dtype_of",
 ]

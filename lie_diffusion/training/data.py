@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,8 @@ class ImageSet:
     """The images of one role (instance or class) and the prompt each trains with: its caption, else the
     role's prompt."""
 
-    images: list[Path]
-    prompts: list[str]
+    images: Sequence  # paths, or a data set's `DatasetImages`
+    prompts: list  # a string per image, or a list of strings (its captions)
 
 
 def caption_images(args, directory, images, prompt, role) -> ImageSet:
@@ -156,9 +157,105 @@ def metadata_captions(directory, images, column, required):
     return found
 
 
-def load_rgb(path):
-    """Open an image upright (EXIF orientation) as RGB; transparency is composited onto white."""
-    with Image.open(path) as image:
+class DatasetImages(Sequence):
+    """The images of a `datasets` data set's image column, decoded when read (a data set need not fit in memory)."""
+
+    def __init__(self, dataset, column, indices):
+        self.dataset, self.column, self.indices = dataset.select_columns([column]), column, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]][self.column]
+
+
+def text_image_data(args) -> ImageSet:
+    """The images and captions a text-to-image run trains on, checked at start-up.
+
+    `--train_data_dir`: a folder of images with a metadata.jsonl (diffusers' image-folder layout), read
+    here, so a bad line is named by file and line. `--dataset_name`: a `datasets` data set, a folder
+    saved with `save_to_disk`, else anything `load_dataset` reads (its "train" split). Every image needs a
+    caption: a string, or a list of strings (one is drawn each time the image is seen). `--max_train_samples`
+    keeps that many, drawn with the seed.
+    """
+    if args.train_data_dir is not None:
+        images, prompts = _folder_data(args)
+    else:
+        images, prompts = _dataset_data(args)
+    if not images:
+        raise TrainingError(f"{args.train_data_dir or args.dataset_name} holds no training images.")
+    if args.max_train_samples is not None and args.max_train_samples < len(images):
+        keep = sorted(np.random.default_rng(args.seed).permutation(len(images))[: args.max_train_samples])
+        images = [images[i] for i in keep] if isinstance(images, list) else DatasetImages(
+            images.dataset, images.column, [images.indices[i] for i in keep])
+        prompts = [prompts[i] for i in keep]
+    logger.info(f"Training data: {len(images)} images with their captions.")
+    return ImageSet(images, prompts)
+
+
+def _folder_data(args):
+    directory = Path(args.train_data_dir)
+    images = list_images(directory, "Training data", (METADATA,))
+    found = metadata_captions(directory, images, args.caption_column, required=True)
+    missing = [f"{image} ({why})" for image, (caption, why) in found.items() if not caption]
+    if missing:
+        raise TrainingError(f"{len(missing)} image(s) of {directory} without a caption: "
+                            + "; ".join(missing[:5]) + ("; ..." if len(missing) > 5 else ""))
+    return images, [caption for caption, _ in found.values()]
+
+
+def _dataset_data(args):
+    name = args.dataset_name
+    try:
+        import datasets
+    except ImportError:
+        raise TrainingError("--dataset_name needs the datasets library: pip install 'lie-diffusion[train]'.") from None
+    path = Path(name)
+    saved = path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json"))
+    try:
+        if saved:
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir)
+    except Exception as error:  # datasets raises many kinds; the message is what the user needs
+        raise TrainingError(f"--dataset_name {name}: cannot load it ({type(error).__name__}: {error}).") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise TrainingError(f"--dataset_name {name}: no 'train' split (its splits: {', '.join(data)}).")
+        data = data["train"]
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column not in data.column_names:
+            raise TrainingError(f"{flag} {column}: {name} has no such column "
+                                f"(its columns: {', '.join(data.column_names)}).")
+    prompts = []
+    for row, caption in enumerate(data[args.caption_column]):
+        where = f"{name}, row {row}"
+        if isinstance(caption, str) and caption.strip():
+            prompts.append(caption.strip())
+        elif isinstance(caption, list) and caption and all(isinstance(c, str) and c.strip() for c in caption):
+            prompts.append([c.strip() for c in caption])
+        else:
+            raise TrainingError(f"{where}: {args.caption_column!r} is {caption!r}; expected a caption "
+                                "(a non-empty string, or a list of them).")
+    images = DatasetImages(data, args.image_column, range(len(data)))
+    for row in range(len(images)):  # decode each once now: a bad image stops the run before the models load
+        try:
+            image = images[row]
+        except Exception as error:
+            raise TrainingError(f"{name}, row {row}: {args.image_column!r} cannot be read "
+                                f"({type(error).__name__}: {error}).") from None
+        if not isinstance(image, Image.Image):
+            raise TrainingError(f"{name}, row {row}: {args.image_column!r} is a {type(image).__name__}, not an image "
+                                "(the column needs the datasets Image feature).")
+    return images, prompts
+
+
+def load_rgb(source):
+    """Open an image upright (EXIF orientation) as RGB; transparency is composited onto white.
+
+    `source`: a path, or a PIL image (what a `datasets` image column holds)."""
+    with source if isinstance(source, Image.Image) else Image.open(source) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             image = image.convert("RGBA")
@@ -174,6 +271,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     example also carries the image's original (height, width) and the crop's (top, left) in the
     resized image (SDXL's micro-conditioning), and its prompt from `instance_prompts` / `class_prompts`
     (one per image, in order; without them, None): captions vary per image, so the batch says which.
+    A prompt that is a list of captions gives one of them, drawn from the same generator.
     """
 
     def __init__(self, instance_images, class_images, size, center_crop, random_flip, interpolation, repeats, seed,
@@ -214,7 +312,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             pixels, original_size, crop = self.transform(load_rgb(images[index % len(images)]), rng)
             example[role] = pixels
             example[f"{role}_size_crop"] = original_size + crop
-            example[f"{role}_prompt"] = prompts[index % len(images)]
+            prompt = prompts[index % len(images)]
+            if isinstance(prompt, list):  # several captions of one image: one of them, as diffusers picks
+                prompt = prompt[int(rng.integers(len(prompt)))]
+            example[f"{role}_prompt"] = prompt
         return example
 
 

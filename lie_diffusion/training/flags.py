@@ -13,22 +13,51 @@ from .data import INTERPOLATION, METADATA
 from .errors import TrainingError
 
 
-def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, output_dir: str, text_encoders: str) -> None:
-    """The flags both scripts take, with diffusers' DreamBooth LoRA meanings, plus the adapter flags.
+# What the shared code reads of the DreamBooth-only flags, in a run without them: every image has its caption.
+NOT_DREAMBOOTH = dict(instance_prompt=None, repeats=1, caption_extension=None, missing_caption="error",
+                      with_prior_preservation=False)
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, output_dir: str, text_encoders: str,
+                         task: str = "dreambooth") -> None:
+    """The flags every training script takes, with diffusers' LoRA meanings, plus the adapter flags.
 
     The defaults that differ by model are arguments: `resolution`, `output_dir`, and `text_encoders`
-    (what `--train_text_encoder` adapts, for its help).
+    (what `--train_text_encoder` adapts, for its help). `task` "dreambooth" adds the instance, caption and
+    prior-preservation flags; "text-to-image" leaves them to the script (its data set brings the captions).
+    It is kept in `args.task`.
     """
+    parser.set_defaults(task=task)
+    if task != "dreambooth":
+        parser.set_defaults(**NOT_DREAMBOOTH)
     # Model
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
                         help="Path to a pipeline folder or a model id on huggingface.co.")
     parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
     parser.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
     # Data
-    parser.add_argument("--instance_data_dir", type=str, required=True,
-                        help="A folder with the instance images.")
-    parser.add_argument("--instance_prompt", type=str, required=True,
-                        help="The prompt with the identifier of the instance, e.g. 'a photo of sks dog'.")
+    if task == "dreambooth":
+        parser.add_argument("--instance_data_dir", type=str, required=True,
+                            help="A folder with the instance images.")
+        parser.add_argument("--instance_prompt", type=str, required=True,
+                            help="The prompt with the identifier of the instance, e.g. 'a photo of sks dog'.")
+    else:
+        parser.add_argument("--train_data_dir", type=str, default=None,
+                            help=f"A folder of images with a {METADATA}: one JSON object a line, with the image's "
+                                 "'file_name' and its caption (in --caption_column).")
+        parser.add_argument("--dataset_name", type=str, default=None,
+                            help="A datasets data set: a folder saved with save_to_disk, or a name load_dataset "
+                                 "reads (its 'train' split). Needs the datasets library.")
+        parser.add_argument("--dataset_config_name", type=str, default=None,
+                            help="The data set's config, if it has several (load_dataset only).")
+        parser.add_argument("--cache_dir", type=str, default=None, help="Where load_dataset caches downloads.")
+        parser.add_argument("--image_column", type=str, default="image",
+                            help="The data set's column of images (--dataset_name).")
+        parser.add_argument("--caption_column", type=str, default="text",
+                            help="The column of captions: a string, or a list of strings of which one is drawn "
+                                 "each time the image is seen.")
+        parser.add_argument("--max_train_samples", type=int, default=None,
+                            help="Train on this many images, drawn with --seed (for debugging or a quicker run).")
     parser.add_argument("--resolution", type=int, default=resolution,
                         help="Training images are resized (shorter side) and cropped to this size.")
     parser.add_argument("--center_crop", action="store_true",
@@ -36,28 +65,30 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip the images horizontally.")
     parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION),
                         help="The filter used to resize images.")
-    parser.add_argument("--repeats", type=int, default=1, help="How many times to repeat the instance images.")
-    # Captions (instance and class images alike); the prompts above are the fallback
-    parser.add_argument("--caption_extension", type=_extension, default=None,
-                        help="Per-image captions in sidecar files, kohya's convention: the first line of "
-                             "image.txt captions image.png for '.txt'.")
-    parser.add_argument("--caption_column", type=str, default=None,
-                        help=f"Per-image captions from a {METADATA} in the image folder: one JSON object a line "
-                             "with 'file_name' and this column (usually 'text').")
-    parser.add_argument("--missing_caption", type=str, default="fallback", choices=["fallback", "error"],
-                        help="An instance image without a caption (no caption file, an empty one, no metadata line) "
-                             "trains with --instance_prompt ('fallback'), or stops the run at start-up ('error'). "
-                             "Class images without one always take --class_prompt.")
-    # Prior preservation
-    parser.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
-    parser.add_argument("--class_data_dir", type=str, default=None, help="A folder with the class images.")
-    parser.add_argument("--class_prompt", type=str, default=None, help="The class prompt, e.g. 'a photo of dog'.")
-    parser.add_argument("--num_class_images", type=int, default=100,
-                        help="Minimal number of class images; missing ones are generated with the base model.")
-    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior loss.")
-    parser.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
-                        help="Precision of class image generation; default fp16 on a GPU, else fp32.")
-    parser.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for class image generation.")
+    if task == "dreambooth":
+        parser.add_argument("--repeats", type=int, default=1, help="How many times to repeat the instance images.")
+        # Captions (instance and class images alike); the prompts above are the fallback
+        parser.add_argument("--caption_extension", type=_extension, default=None,
+                            help="Per-image captions in sidecar files, kohya's convention: the first line of "
+                                 "image.txt captions image.png for '.txt'.")
+        parser.add_argument("--caption_column", type=str, default=None,
+                            help=f"Per-image captions from a {METADATA} in the image folder: one JSON object a line "
+                                 "with 'file_name' and this column (usually 'text').")
+        parser.add_argument("--missing_caption", type=str, default="fallback", choices=["fallback", "error"],
+                            help="An instance image without a caption (no caption file, an empty one, no metadata "
+                                 "line) trains with --instance_prompt ('fallback'), or stops the run at start-up "
+                                 "('error'). Class images without one always take --class_prompt.")
+        # Prior preservation
+        parser.add_argument("--with_prior_preservation", action="store_true", help="Add the prior preservation loss.")
+        parser.add_argument("--class_data_dir", type=str, default=None, help="A folder with the class images.")
+        parser.add_argument("--class_prompt", type=str, default=None, help="The class prompt, e.g. 'a photo of dog'.")
+        parser.add_argument("--num_class_images", type=int, default=100,
+                            help="Minimal number of class images; missing ones are generated with the base model.")
+        parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior loss.")
+        parser.add_argument("--prior_generation_precision", type=str, default=None,
+                            choices=["no", "fp32", "fp16", "bf16"],
+                            help="Precision of class image generation; default fp16 on a GPU, else fp32.")
+        parser.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for class image generation.")
     # Validation
     parser.add_argument("--validation_prompt", type=str, default=None,
                         help="A prompt used during and after training to check that the model is learning.")
@@ -113,6 +144,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser, resolution: int, outpu
     parser.add_argument("--lr_power", type=float, default=1.0, help="Power factor of the polynomial scheduler.")
     parser.add_argument("--snr_gamma", type=float, default=None,
                         help="Min-SNR loss weighting gamma (5.0 is recommended); off by default.")
+    parser.add_argument("--noise_offset", type=float, default=0.0,
+                        help="Scale of the noise offset (https://www.crosslabs.org/blog/diffusion-with-offset-noise): "
+                             "per-channel constant noise added to the training noise, for darker and brighter images.")
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Max gradient norm.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Subprocesses for data loading.")
     # Optimizer
@@ -189,6 +223,9 @@ def check_args(args):
     """Catch what would otherwise fail after minutes of model loading, with a message that says what to do.
 
     Returns `args`."""
+    if args.task != "dreambooth" and (args.train_data_dir is None) == (args.dataset_name is None):
+        raise TrainingError("Give the training data: --train_data_dir (an image folder) or --dataset_name, "
+                            "one of them.")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     if args.caption_extension and args.caption_column:

@@ -26,6 +26,16 @@ def denoising_loss(args, noise_scheduler, model_pred, target, timesteps, with_pr
     return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
 
 
+def training_noise(args, latents):
+    """The noise added to `latents`: Gaussian, plus `--noise_offset` times a per-(image, channel) constant, which
+    lets the model shift an image's mean brightness (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
+    noise = torch.randn_like(latents)
+    if args.noise_offset:
+        noise = noise + args.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device,
+                                                        dtype=latents.dtype)
+    return noise
+
+
 def noise_target(noise_scheduler, latents, noise, timesteps):
     """What the UNet learns to predict: the noise (epsilon) or the velocity (v-prediction)."""
     if noise_scheduler.config.prediction_type == "epsilon":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..io import WEIGHT_NAME
 from .data import METADATA
+from .flags import NOT_DREAMBOOTH
 
 
 @dataclass
@@ -41,21 +42,29 @@ def save_model_card(args, images, family, components):
         image.save(output_dir / f"image_{i}.png")
         widget.append(f"- text: {json.dumps(args.validation_prompt)}\n  output:\n    url: image_{i}.png")
         gallery += f"![image_{i}](./image_{i}.png)\n"
-    rows = [(k, str(v).replace("|", "\\|")) for k, v in sorted(vars(args).items()) if k != "local_rank"]
+    dreambooth = args.task == "dreambooth"
+    hidden = {"local_rank", "task", *([] if dreambooth else NOT_DREAMBOOTH)}
+    rows = [(k, str(v).replace("|", "\\|")) for k, v in sorted(vars(args).items()) if k not in hidden]
     flags = "\n".join(f"| `--{k}` | `{v}` |" for k, v in rows)  # `\|`: a bare `|` would end the cell
-    prompt = args.validation_prompt or args.instance_prompt
+    prompt = args.validation_prompt or args.instance_prompt or "a prompt like the captions"
     tags = "\n".join(f"- {tag}" for tag in ("text-to-image", "diffusers", "diffusers-training", *family.tags,
-                                             "lora", "lie-diffusion", "dreambooth"))
+                                             "lora", "lie-diffusion", *(["dreambooth"] if dreambooth else [])))
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
     captions = ""
-    if args.caption_extension or args.caption_column:
+    if dreambooth and (args.caption_extension or args.caption_column):
         source = (f"`*{args.caption_extension}` files beside the images" if args.caption_extension
                   else f"the `{args.caption_column}` column of each image folder's `{METADATA}`")
         captions = (f" Each image was trained with its own caption, from {source}; images without one used the "
                     "instance (or class) prompt.")
+    if dreambooth:
+        title = "Lie DreamBooth"
+        trained = f"with\n[DreamBooth](https://dreambooth.github.io/) on the prompt `{args.instance_prompt}`"
+        header = f"\ninstance_prompt: {json.dumps(args.instance_prompt)}"
+    else:
+        title, header = "Lie text-to-image", ""
+        trained = f"on the images and captions of\n`{args.train_data_dir or args.dataset_name}`"
     card = f"""---
-base_model: {args.pretrained_model_name_or_path}
-instance_prompt: {json.dumps(args.instance_prompt)}
+base_model: {args.pretrained_model_name_or_path}{header}
 library_name: diffusers
 tags:
 {tags}
@@ -63,10 +72,10 @@ inference: true
 {"widget:" + chr(10) + chr(10).join(widget) if widget else ""}
 ---
 
-# Lie DreamBooth ({family.title}) - {output_dir.name}
+# {title} ({family.title}) - {output_dir.name}
 
-Lie-group adapter (LieRA) weights for `{args.pretrained_model_name_or_path}`, trained with
-[DreamBooth](https://dreambooth.github.io/) on the prompt `{args.instance_prompt}`. {_adapters(args, family)}
+Lie-group adapter (LieRA) weights for `{args.pretrained_model_name_or_path}`, trained {trained}.
+{_adapters(args, family)}
 Trained components: {", ".join(components)}.{f" VAE used in training: `{vae}`." if vae else ""}{captions}
 
 {gallery}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -18,7 +19,8 @@ from diffusers.training_utils import cast_training_params
 from transformers import AutoConfig
 
 from ..inject import add_lie_adapters
-from .data import DreamBoothDataset, ImageSet, caption_files, caption_images, collate_fn, generate_class_images, list_images
+from .data import (DreamBoothDataset, ImageSet, caption_files, caption_images, collate_fn, generate_class_images,
+                   list_images, text_image_data)
 from .errors import TrainingError
 from .flags import adapter_config
 from .sharding import broadcast_adapters, check_sharding
@@ -31,7 +33,8 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
 
     `load_pipeline(torch_dtype, **components)` loads the base pipeline (for class images and validation).
     `find_unused_parameters`: some trained adapters may get no gradient in a step (DDP must not wait for them).
-    Returns (accelerator, instance, class_): the `ImageSet`s (images and their prompts) of each role.
+    Returns (accelerator, instance, class_): the `ImageSet`s (images and their prompts) of each role; a
+    text-to-image run (`args.task`) has its data set as the instance images and no class images.
     """
     accelerator = Accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -49,10 +52,13 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
     )
     check_sharding(args, accelerator)
     # Data first: a bad folder should fail in a second, not after the models have loaded.
-    instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
-    if not instance_images:
-        raise TrainingError(f"Instance directory {args.instance_data_dir} holds no readable images.")
-    instance = caption_images(args, args.instance_data_dir, instance_images, args.instance_prompt, "Instance")
+    if args.task == "dreambooth":
+        instance_images = list_images(args.instance_data_dir, "Instance", caption_files(args))
+        if not instance_images:
+            raise TrainingError(f"Instance directory {args.instance_data_dir} holds no readable images.")
+        instance = caption_images(args, args.instance_data_dir, instance_images, args.instance_prompt, "Instance")
+    else:  # a text-to-image data set: every image with its caption
+        instance = text_image_data(args)
 
     logger.info(accelerator.state, main_process_only=False)
     if accelerator.is_local_main_process:
@@ -80,6 +86,15 @@ def start_run(args, load_pipeline, find_unused_parameters=False):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator, instance, class_
+
+
+def load_script(path):
+    """A training script file as a module (scripts are no package): the text-to-image scripts run the
+    `parse_args` and `main` of their DreamBooth sibling."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
