@@ -105,7 +105,7 @@ class WeightCacheBudget:
             self._warned.add(device)
             warnings.warn(
                 f"lie-diffusion: the W' cache of unfused Lie inference is full on {device} "
-                f"({self.held[device] / 2**30:.2f} GiB held, budget {self.limit / 2**30:.2f} GiB): layers beyond it "
+                f"({self.held[device] / 2**20:,.1f} MiB held, budget {self.limit / 2**20:,.1f} MiB): layers beyond it "
                 "rebuild W' = W ⊙ M on every call instead of holding an extra copy of their weight (slower, no extra "
                 "memory). For the fastest inference fuse the adapters (`fuse_lora()`); to change the budget call "
                 "`lie_diffusion.set_lie_weight_cache_budget(bytes)` (None: no limit).",
