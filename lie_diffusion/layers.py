@@ -105,7 +105,7 @@ class WeightCacheBudget:
             self._warned.add(device)
             warnings.warn(
                 f"lie-diffusion: the W' cache of unfused Lie inference is full on {device} "
-                f"({self.held[device] / 2**20:,.1f} MiB held, budget {self.limit / 2**20:,.1f} MiB): layers beyond it "
+                f"({self.held[device] / 2**20:,.2f} MiB held, budget {self.limit / 2**20:,.2f} MiB): layers beyond it "
                 "rebuild W' = W ⊙ M on every call instead of holding an extra copy of their weight (slower, no extra "
                 "memory). For the fastest inference fuse the adapters (`fuse_lora()`); to change the budget call "
                 "`lie_diffusion.set_lie_weight_cache_budget(bytes)` (None: no limit).",
@@ -423,6 +423,7 @@ class LieLayerMixin(AdapterLayerMixin):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W ← W ⊙ M(sΔ) for each adapter, in float32 at least; the scaling used is remembered, so
         unmerge is exact even when `set_adapters` changes the scale in between."""
+        self._check_unquantized()
         weight = self.get_base_layer().weight
         self._lie_cache = None  # a fused layer needs no second kernel
         for adapter in check_adapters_to_merge(self, adapter_names):

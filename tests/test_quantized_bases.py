@@ -87,8 +87,12 @@ def test_fp8_layerwise_casting_after_the_adapter_is_refused_at_the_call():
     add_lie_adapters(model, LieConfig(rank=2, **LIE_ON_LINEARS))
     apply_layerwise_casting(model.to_q.base_layer, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert model.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
-    with pytest.raises(ValueError, match=r"to_q: .*\(torch.float8_e4m3fn weight\)"):
-        model.to_q(torch.randn(2, 64))
+    stored = model.to_q.base_layer.weight.detach().clone()
+    for call in (lambda: model.to_q(torch.randn(2, 64)), model.to_q.merge):
+        with pytest.raises(ValueError, match=r"to_q: .*\(torch.float8_e4m3fn weight\)"):
+            call()
+    assert torch.equal(model.to_q.base_layer.weight.view(torch.uint8), stored.view(torch.uint8))
+    assert not model.to_q.merged
 
 
 def test_classes_of_quantizing_packages_are_recognised():
