@@ -1,6 +1,7 @@
 """What does it cost? Training step, inference and adapter-file times and peak memory, against peers.
 
     python benchmarks/speed.py            # mid-size UNet on CPU; writes results/speed.{json,md} and README
+    python benchmarks/speed.py --dit --batch 1 --reps 5   # Flux blocks; results/speed_dit.*, docs/performance-dit.md
 
 Training: lie-diffusion exp / taylor, peft LoRA, peft HiRA, LyCORIS LoCon and the floor (frozen UNet
 with full weight gradients on the targeted convs, no optimizer), on the same conv layers at the same
@@ -11,6 +12,9 @@ the step ratio that grows as latents shrink. Inference: base vs Lie adapters unf
 vs fused. Compiled: torch.compile'd (inductor) fwd + bwd against the compiled floor, with dynamo's
 graph-break count per method.
 Files: load / fuse / merge an SD1.5-size adapter.
+DiT (`--dit`, run alone): training steps on a FluxTransformerBlock + FluxSingleTransformerBlock at FLUX.1-dev's
+width, every method on diffusers' Flux DreamBooth Linear targets (LyCORIS is left out: on Linear layers its
+LoCon is plain LoRA, which peft LoRA already stands for).
 """
 
 from __future__ import annotations
