@@ -14,6 +14,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -41,6 +42,7 @@ DOCS = ROOT / "docs"
 # The docs page that shows each script's generated section (<!-- bench:<name>:start --> ... :end -->).
 PAGES = {
     "speed": DOCS / "performance.md",
+    "speed_dit": DOCS / "performance-dit.md",
     "quality": DOCS / "benchmarks.md",
     "dreambooth": DOCS / "benchmarks.md",
     "dreambooth_tradeoff": DOCS / "benchmarks.md",
@@ -80,6 +82,65 @@ def build_unet(size: str, device="cpu", dtype=torch.float32, seed: int = 0):
     if dtype != unet.dtype:
         unet = unet.to(dtype)
     return unet.eval().requires_grad_(False)
+
+
+# Flux transformer widths: "dev" is FLUX.1-dev's (and schnell's) block config; "tiny" is for smoke tests.
+FLUX_WIDTHS = {
+    "dev": dict(dim=3072, num_attention_heads=24, attention_head_dim=128, axes_dims_rope=(16, 56, 56)),
+    "tiny": dict(dim=32, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6)),
+}
+# diffusers' train_dreambooth_lora_flux.py default targets: the attention projections (incl. the context ones)
+# and the feed-forward layers.
+FLUX_TARGETS = (r"attn\.to_q", r"attn\.to_k", r"attn\.to_v", r"attn\.to_out\.0", r"attn\.add_q_proj",
+                r"attn\.add_k_proj", r"attn\.add_v_proj", r"attn\.to_add_out", r"ff\.net\.0\.proj", r"ff\.net\.2",
+                r"ff_context\.net\.0\.proj", r"ff_context\.net\.2")
+
+
+class FluxBlocks(nn.Module):
+    """One FluxTransformerBlock (double stream) and one FluxSingleTransformerBlock, run as the Flux
+    transformer runs them; returns the image tokens."""
+
+    def __init__(self, dim, num_attention_heads, attention_head_dim, axes_dims_rope):
+        from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
+                                                                    FluxTransformerBlock)
+
+        super().__init__()
+        self.double_block = FluxTransformerBlock(dim, num_attention_heads, attention_head_dim)
+        self.single_block = FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim)
+        self.rope = FluxPosEmbed(theta=10000, axes_dim=list(axes_dims_rope))
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, ids):
+        rotary = self.rope(ids)
+        encoder_hidden_states, hidden_states = self.double_block(hidden_states, encoder_hidden_states, temb, rotary)
+        return self.single_block(hidden_states, encoder_hidden_states, temb, rotary)[1]
+
+
+def build_flux_blocks(width: str = "dev", seed: int = 0) -> FluxBlocks:
+    """Random-weight Flux blocks of the named width, frozen, in float32 on the CPU."""
+    torch.manual_seed(seed)
+    return FluxBlocks(**FLUX_WIDTHS[width]).eval().requires_grad_(False)
+
+
+def flux_targets(model: nn.Module) -> list[str]:
+    """The Linear layers every method adapts in Flux blocks: diffusers' Flux DreamBooth defaults."""
+    return find_targets(model, LieConfig(attn_adapter="lie", attn_targets=FLUX_TARGETS, conv_targets=()))[1]
+
+
+def flux_batch(model: FluxBlocks, batch: int, image_tokens: int, text_tokens: int, seed: int = 0):
+    """(forward kwargs, target) for `FluxBlocks`: image and text tokens, the time embedding, and position ids
+    as Flux builds them (text ids zero, image ids the row / column of a square latent grid)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = model.double_block.norm1.linear.in_features
+    side = math.isqrt(image_tokens)
+    if side * side != image_tokens:
+        raise ValueError(f"image_tokens must be a square number, got {image_tokens}.")
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    image_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3)
+    kwargs = dict(hidden_states=torch.randn(batch, image_tokens, dim, generator=g),
+                  encoder_hidden_states=torch.randn(batch, text_tokens, dim, generator=g),
+                  temb=torch.randn(batch, dim, generator=g),
+                  ids=torch.cat([torch.zeros(text_tokens, 3, dtype=image_ids.dtype), image_ids]))
+    return kwargs, torch.randn(batch, image_tokens, dim, generator=g)
 
 
 def conv_targets(model: nn.Module) -> list[str]:
@@ -137,7 +198,10 @@ def _exact(targets: list[str]) -> tuple[str, ...]:
 
 def attach_lie(mode: str):
     def attach(model, targets, rank):
-        config = LieConfig(rank=rank, mode=mode, attn_adapter="none", conv_targets=_exact(targets))
+        linears = [t for t in targets if isinstance(model.get_submodule(t), nn.Linear)]
+        convs = [t for t in targets if t not in linears]
+        config = LieConfig(rank=rank, mode=mode, attn_adapter="lie" if linears else "none",
+                           conv_targets=_exact(convs), attn_targets=_exact(linears))
         return _peft_attach(model, targets, None, lie=config)
 
     return attach
@@ -186,8 +250,13 @@ def attach_dora(model, targets, rank):
 
 
 def attach_floor(model, targets, rank):
-    """The method's floor: frozen model, full weight gradients on the targeted convs, no optimizer."""
-    weights = [model.get_submodule(t).weight for t in targets]
+    """The method's floor: frozen model, full weight gradients on the targeted layers, no optimizer. The
+    targeted weights become the floor's own copies, so a clone that shares its base weights stays frozen."""
+    weights = []
+    for t in targets:
+        module = model.get_submodule(t)
+        module.weight = nn.Parameter(module.weight.detach().clone())
+        weights.append(module.weight)
     return Adapted(weights, lambda: [w.requires_grad_(False) for w in weights], optimize=False)
 
 
@@ -268,7 +337,8 @@ def train_step(model, adapted: Adapted, inputs: dict, target, optimizer=True, au
 
     def step():
         with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            prediction = model(**inputs).sample
+            prediction = model(**inputs)
+        prediction = getattr(prediction, "sample", prediction)  # a diffusers model output, or a plain tensor
         F.mse_loss(prediction.float(), target.float()).backward()
         if opt is not None:
             opt.step()
@@ -504,8 +574,11 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def clone(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
+def clone(model: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A deep copy; with `share_weights`, one whose parameters and buffers are the original's (frozen base
+    weights held once, for models too big to copy per method: every peer here leaves them unchanged)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]} if share_weights else None
+    return copy.deepcopy(model, memo)
 
 
 # ------------------------------------------------------------------------------------- runs in worker processes

@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py              # mid-size UNet on CPU: results/speed.{json,md,png}, docs/performance.md
     python benchmarks/speed.py --plot-only  # redraw results/speed.png from results/speed.json
+    python benchmarks/speed.py --dit --batch 1 --reps 5   # Flux blocks; results/speed_dit.*, docs/performance-dit.md
 
 Training: lie-diffusion exp / taylor, peft LoRA, peft HiRA, LyCORIS LoCon and the floor (frozen UNet
 with full weight gradients on the targeted convs, no optimizer), on the same conv layers at the same
@@ -12,6 +13,9 @@ the step ratio that grows as latents shrink. Inference: base vs Lie adapters unf
 vs fused. Compiled: torch.compile'd (inductor) fwd + bwd against the compiled floor, with dynamo's
 graph-break count per method.
 Files: load / fuse / merge an SD1.5-size adapter.
+DiT (`--dit`, run alone): training steps on a FluxTransformerBlock + FluxSingleTransformerBlock at FLUX.1-dev's
+width, every method on diffusers' Flux DreamBooth Linear targets (LyCORIS is left out: on Linear layers its
+LoCon is plain LoRA, which peft LoRA already stands for).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import benchlib as B
 LIE = ("lie-exp", "lie-taylor")
 VARIANTS = ("lie-exp+keep", "lie-exp+ckpt", "peft-lora+ckpt", "floor+ckpt")
 COMPILED = ("floor", "lie-exp", "peft-lora")
+DIT_METHODS = ("lie-exp", "lie-exp+keep", "peft-lora", "peft-hira", "floor")
 
 
 def attach_variant(variant, model, targets, rank):
@@ -44,16 +49,14 @@ def attach_variant(variant, model, targets, rank):
     return adapted
 
 
-def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS + VARIANTS, autocast_dtype=None,
-                log=print):
-    """Step (fwd + bwd + AdamW) medians, fwd + bwd for the floor, peak step memory and trainable sizes per method."""
+def train_methods(base, targets, inputs, target, rank, reps, warmup, methods, autocast_dtype=None,
+                  share_weights=False, log=print):
+    """Peak step memory, then interleaved step times, of `methods` on `targets` of clones of `base`.
+    Returns (results per method, the timed cases)."""
     device = next(base.parameters()).device
-    dtype = next(base.parameters()).dtype
-    targets = B.conv_targets(base)
-    inputs, target = B.unet_batch(base, batch, latent, device, dtype)
     cases, memory_case, adapted = {}, {}, {}
     for method in methods:
-        model = B.clone(base)
+        model = B.clone(base, share_weights)
         adapted[method] = attach_variant(method, model, targets, rank)
         if adapted[method].optimize:  # one timed case per method: the step (the floor has no optimizer)
             cases[f"{method}|step"] = B.train_step(model, adapted[method], inputs, target, autocast_dtype=autocast_dtype)
@@ -61,7 +64,7 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS +
             cases[f"{method}|fwd+bwd"] = B.train_step(model, adapted[method], inputs, target, optimizer=False,
                                                       autocast_dtype=autocast_dtype)
         memory_case[method] = cases.get(f"{method}|step") or cases[f"{method}|fwd+bwd"]
-    log(f"train: {len(targets)} conv layers, rank {rank}, {len(cases)} cases, {reps} interleaved rounds")
+    log(f"train: {len(targets)} layers, rank {rank}, {len(cases)} cases, {reps} interleaved rounds")
     peaks = {}  # memory first, before timing churns the allocator; the warm-up call creates the optimizer state
     for method in methods:
         memory_case[method]()
@@ -83,6 +86,17 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS +
             "times_s": {k.split("|")[1]: v for k, v in times.items() if k.startswith(method + "|")},
         }
         log(f"  {method}: step {step:.3f}s peak {peaks[method]} MiB")
+    return results, cases
+
+
+def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS + VARIANTS, autocast_dtype=None,
+                log=print):
+    """Step (fwd + bwd + AdamW) medians, fwd + bwd for the floor, peak step memory and trainable sizes per method."""
+    device = next(base.parameters()).device
+    dtype = next(base.parameters()).dtype
+    targets = B.conv_targets(base)
+    inputs, target = B.unet_batch(base, batch, latent, device, dtype)
+    results, cases = train_methods(base, targets, inputs, target, rank, reps, warmup, methods, autocast_dtype, log=log)
     config = dict(unet_params=B.count_params(base.parameters()), block_out_channels=list(base.config.block_out_channels),
                   targets=len(targets), latent=latent, batch=batch,
                   rank=rank, reps=reps, warmup=warmup, dtype=str(dtype).replace("torch.", ""),
@@ -95,6 +109,22 @@ def bench_train(base, latent, batch, rank, reps, warmup, methods=B.TRAIN_PEERS +
             extra = {op: lie.get(op, 0.0) - floor.get(op, 0.0) for op in set(lie) | set(floor)}
             out["lie_extra_by_op"] = dict(sorted(extra.items(), key=lambda kv: -kv[1])[:6])
     return out
+
+
+def bench_dit(image_tokens, text_tokens, batch, rank, reps, warmup, methods=DIT_METHODS, width="dev", log=print):
+    """Training steps on a Flux double block + single block at Flux-dev's width, every method on the Linear
+    layers diffusers' Flux DreamBooth LoRA script targets; base weights shared by all clones (held once)."""
+    model = B.build_flux_blocks(width)
+    targets = B.flux_targets(model)
+    inputs, target = B.flux_batch(model, batch, image_tokens, text_tokens)
+    results, _ = train_methods(model, targets, inputs, target, rank, reps, warmup, methods, share_weights=True, log=log)
+    config = dict(blocks=[type(b).__name__ for b in (model.double_block, model.single_block)], width=width,
+                  **B.FLUX_WIDTHS[width],
+                  block_params=B.count_params(model.parameters()), targets=len(targets),
+                  target_weights=sum(model.get_submodule(t).weight.numel() for t in targets),
+                  image_tokens=image_tokens, text_tokens=text_tokens, batch=batch, rank=rank, reps=reps, warmup=warmup,
+                  dtype="float32")
+    return {"config": config, "methods": results}
 
 
 def bench_weight_work(base, batch, rank, reps, warmup, log=print):
@@ -415,6 +445,38 @@ def plot(results: dict, path: Path) -> Path:
     return B.save_figure(fig, path)
 
 
+def render_dit(results) -> str:
+    env, c, m = results["env"], results["dit"]["config"], results["dit"]["methods"]
+    floor, lora = m["floor"], m["peft-lora"]
+    def spread(r, reference):
+        low, high = round_ratios(_step_times(r), _step_times(reference))
+        return f"{r['step_s'] / reference['step_s']:.2f} ({low:.2f}–{high:.2f})"
+
+    rows = [[name, f"{r['step_s']:.2f}" + ("" if r["has_optimizer"] else " (fwd+bwd)"), spread(r, lora), spread(r, floor),
+             _mib(r["peak_step_mib"]),
+             f"{r['peak_step_mib'] / lora['peak_step_mib']:.2f}", _mib(r["peak_step_rss_mib"]),
+             f"{r['trainable_params']:,}" if r["has_optimizer"] else f"({r['grad_params']:,} grads)"]
+            for name, r in m.items()]
+    return "\n".join([
+        "### Training on Flux-shaped blocks",
+        f"`{results['command']}` on {env.get('gpu') or env['cpu']} ({env['torch_threads']} thread(s)), torch {env['torch']}, "
+        f"diffusers {env['diffusers']}, peft {env['peft']}; {env['date']}. One {c['blocks'][0]} and one {c['blocks'][1]} "
+        f"from diffusers at {'FLUX.1-dev' if c['width'] == 'dev' else c['width']}'s width (dim {c['dim']}, {c['num_attention_heads']} heads of {c['attention_head_dim']}), "
+        f"random weights, {c['block_params'] / 1e6:.0f} M params, {c['dtype']}; batch {c['batch']}, {c['image_tokens']} image + "
+        f"{c['text_tokens']} text tokens. Every method adapts the same {c['targets']} Linear layers (diffusers' Flux "
+        f"DreamBooth LoRA targets: attention projections incl. the context ones, and the feed-forward layers; "
+        f"{c['target_weights'] / 1e6:.0f} M weights) at rank {c['rank']}. Step: forward, backward and AdamW (the floor: "
+        f"frozen blocks with full weight gradients on those layers, forward and backward, no optimizer). Medians of "
+        f"{c['reps']} interleaved rounds after {c['warmup']} warm-up round(s), and in brackets the lowest and highest "
+        f"ratio within one round; peak step memory and RSS as in the UNet "
+        "table (tensor bytes the step holds above what was live before it; the frozen base weights are not counted). "
+        "`+keep`: `set_lie_speed_options(model, keep_adapted=True)`.",
+        "",
+        B.md_table(["method", "step s", "× peft LoRA", "× floor", "peak step MiB", "× peft LoRA", "peak step RSS MiB",
+                    "trainable params"], rows),
+    ])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="mid", choices=sorted(B.UNET_CONFIGS))
@@ -433,6 +495,14 @@ def main(argv=None):
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('aot_eager': no codegen)")
     parser.add_argument("--files-size", default="sd15", choices=sorted(B.UNET_CONFIGS) + ["none"])
     parser.add_argument("--file-reps", type=int, default=3)
+    parser.add_argument("--dit", action="store_true",
+                        help="instead: training on a Flux double + single block at FLUX.1-dev's width "
+                             "(results/speed_dit.* and docs/performance-dit.md)")
+    parser.add_argument("--dit-width", default="dev", choices=sorted(B.FLUX_WIDTHS))
+    parser.add_argument("--dit-image-tokens", type=int, default=64, help="a square number (Flux packs 2x2 latent patches)")
+    parser.add_argument("--dit-text-tokens", type=int, default=32)
+    parser.add_argument("--dit-docs", default=str(B.PAGES["speed_dit"]),
+                        help="docs page whose speed_dit section gets the table ('none': leave it alone)")
     parser.add_argument("--out", default=str(B.RESULTS_DIR), help="folder for speed.json / speed.md")
     B.add_page_argument(parser, "speed")
     parser.add_argument("--plot-only", action="store_true",
@@ -443,6 +513,8 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dit:
+        return run_dit(args, argv)
     base = B.build_unet(args.size)
     results = {"env": B.environment(), "inference_batch": args.inference_batch, "configs": {},
                "weight_work": bench_weight_work(base, args.batch, args.rank, args.reps, args.warmup)}
@@ -462,6 +534,19 @@ def main(argv=None):
     markdown = render(results)
     B.publish("speed", results, markdown, args.out, args.page)
     plot(results, Path(args.out) / "speed.png")
+    return results
+
+
+def run_dit(args, argv):
+    """The Flux-block training benchmark alone; writes results/speed_dit.{json,md} and the docs page's section."""
+    import shlex
+    import sys
+
+    dit = bench_dit(args.dit_image_tokens, args.dit_text_tokens, args.batch, args.rank, args.reps, args.warmup,
+                    width=args.dit_width)
+    command = shlex.join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
+    results = {"env": B.environment(), "command": command, "dit": dit}
+    B.publish("speed_dit", results, render_dit(results), args.out, args.dit_docs)
     return results
 
 

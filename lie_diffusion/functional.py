@@ -68,7 +68,10 @@ def balance_factor(weight: torch.Tensor, balance: str) -> float:
         raise ValueError(f"Unknown Lie balance {balance!r}; expected one of {BALANCES}.")
     if balance == "none":
         return 1.0
-    rms = weight.detach().double().pow(2).mean().sqrt().item()
+    # dequantize(): a plain tensor returns its values; torchao's quantized tensors, which implement few ops, too.
+    # Quantized weights are refused by the layers with the module's name (`layers.weight_quantization`); this
+    # only keeps the rule from failing first with a less helpful error.
+    rms = weight.detach().dequantize().double().pow(2).mean().sqrt().item()
     if not math.isfinite(rms):
         raise ValueError(f"Lie balance: the kernel {tuple(weight.shape)} holds NaN/inf values.")
     return 1.0 / max(rms, BALANCE_MIN_RMS)

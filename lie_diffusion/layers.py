@@ -12,9 +12,11 @@ analogue of LoRA's input dropout that keeps the forward to one op.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +80,91 @@ class LieLoraConfig(LoraConfig):
         if kwargs.get("peft_type") == LIE_PEFT_TYPE:
             kwargs.pop("peft_type")
         return super().from_peft_type(**kwargs)
+
+
+class WeightCacheBudget:
+    """How many bytes of cached W' (unfused inference) all Lie layers together may hold on one device.
+
+    Each cached W' is an extra copy of its layer's weight: on an SD UNet that is a GiB or two, on Flux's
+    12 B-parameter transformer it would double the model. Layers cache in the order they are called until
+    the budget is spent; the others rebuild W' on every call (no extra memory), and a warning says so
+    once per device and budget. A cached W' counts until the tensor is freed, however that happens.
+    """
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.held: collections.Counter[str] = collections.Counter()  # bytes per device
+        self._warned: set[str] = set()
+
+    def admit(self, nbytes: int, device: torch.device) -> bool:
+        """Whether a new cached W' of `nbytes` on `device` fits; warn (once) when it does not."""
+        device = str(device)
+        if self.limit is None or self.held[device] + nbytes <= self.limit:
+            return True
+        if device not in self._warned:
+            self._warned.add(device)
+            warnings.warn(
+                f"lie-diffusion: the W' cache of unfused Lie inference is full on {device} "
+                f"({self.held[device] / 2**20:,.2f} MiB held, budget {self.limit / 2**20:,.2f} MiB): layers beyond it "
+                "rebuild W' = W ⊙ M on every call instead of holding an extra copy of their weight (slower, no extra "
+                "memory). For the fastest inference fuse the adapters (`fuse_lora()`); to change the budget call "
+                "`lie_diffusion.set_lie_weight_cache_budget(bytes)` (None: no limit).",
+                stacklevel=2,
+            )
+        return False
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        """Count `tensor` against its device's budget until it is freed."""
+        device, nbytes = str(tensor.device), tensor.numel() * tensor.element_size()
+        self.held[device] += nbytes
+        weakref.finalize(tensor, self._release, device, nbytes)
+
+    def _release(self, device: str, nbytes: int) -> None:
+        self.held[device] -= nbytes
+
+    def set_limit(self, limit: int | None) -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"The W' cache budget must be a number of bytes >= 0 or None, got {limit!r}.")
+        self.limit = limit
+        self._warned.clear()
+
+
+# 3 GiB per device: every SD1.x/2.x and SDXL UNet with the default targets fits in fp16 and fp32 (SD1.5: 1.05 /
+# 2.1 GiB); FLUX.1-dev (5.4 B weights under diffusers' DreamBooth targets, 10 GiB in bf16) gets a partial cache.
+DEFAULT_WEIGHT_CACHE_BUDGET = 3 * 2**30
+WEIGHT_CACHE_BUDGET = WeightCacheBudget(DEFAULT_WEIGHT_CACHE_BUDGET)
+
+
+def set_lie_weight_cache_budget(nbytes: int | None = DEFAULT_WEIGHT_CACHE_BUDGET) -> None:
+    """The most bytes of cached W' that Lie layers hold per device for unfused inference (None: no limit, 0:
+    no cache). It applies to every model in the process; layers called first cache first, and caches already
+    held stay until released (fuse, disable, move, delete the adapter, or `set_lie_speed_options`)."""
+    WEIGHT_CACHE_BUDGET.set_limit(nbytes)
+
+
+# Packages whose layer or weight classes store weights quantized; diffusers and transformers keep theirs (GGUF, ...)
+# under a `quantizers` package.
+QUANTIZATION_PACKAGES = ("bitsandbytes", "torchao", "optimum", "gguf", "hqq", "awq", "auto_gptq", "gptqmodel")
+
+
+def weight_quantization(layer: nn.Module) -> str | None:
+    """How `layer` stores its weight quantized, in words (e.g. "bitsandbytes Linear4bit, Params4bit weight,
+    nf4"), or None for a plain floating-point weight."""
+    weight = layer.weight
+    for cls in (type(layer), type(weight)):
+        path = cls.__module__.split(".")
+        if path[0] in QUANTIZATION_PACKAGES or "quantizers" in path:
+            details = [getattr(weight, key, None) for key in ("quant_type", "qtype")]
+            return ", ".join([f"{path[0]} {type(layer).__name__}", f"{type(weight).__name__} weight",
+                              *(str(d) for d in details if d is not None)])
+    if not weight.dtype.is_floating_point or weight.dtype.itemsize == 1:
+        return f"{weight.dtype} weight"
+    return None
+
+
+def _plain_weight(weight: torch.Tensor) -> bool:
+    """The per-call fast check: a plain tensor of a 2-byte or wider floating dtype is never quantized."""
+    return type(weight) in (nn.Parameter, torch.Tensor) and weight.is_floating_point() and weight.element_size() > 1
 
 
 def unwrap_layer(module: nn.Module) -> nn.Module:
@@ -180,6 +267,8 @@ class LieLayerMixin(AdapterLayerMixin):
     def _check_config(self, adapter_name: str, config: LoraConfig, name: str) -> str:
         """The new adapter's mode: the config's, or that of the adapters add_weighted_adapter combines."""
         super()._check_config(adapter_name, config, name)
+        self.lie_target_name = name
+        self._check_unquantized()
         mode = getattr(config, "lie_mode", None)
         if mode not in MODES:
             raise ValueError(
@@ -188,6 +277,21 @@ class LieLayerMixin(AdapterLayerMixin):
             )
         weighted = _weighted_adapter_call()
         return mode if weighted is None else self._combined_mode(name, adapter_name, *weighted)
+
+    def _check_unquantized(self) -> None:
+        """Refuse a quantized base weight: W' = W ⊙ M needs W itself, and W ⊙ M of packed bytes or of a
+        quantized tensor's storage would be silently wrong."""
+        base = self.get_base_layer()
+        if torch.compiler.is_compiling() or _plain_weight(base.weight):
+            return
+        quantization = weight_quantization(base)
+        if quantization is not None:
+            raise ValueError(
+                f"{self.lie_target_name}: Lie adapters need the layer's full-precision weight W (W' = W ⊙ exp(Δ)), but "
+                f"it is quantized ({quantization}). Keep the adapted layers unquantized (e.g. diffusers' "
+                "BitsAndBytesConfig(llm_int8_skip_modules=[...]) or TorchAoConfig(modules_to_not_convert=[...]), no "
+                "fp8 layerwise casting on them), or load the base in bf16/fp16."
+            )
 
     def _register_adapter(self, adapter_name: str, mode: str) -> None:
         if not hasattr(self, "lie_mode"):
@@ -258,6 +362,7 @@ class LieLayerMixin(AdapterLayerMixin):
         unmerged = [a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters]
         if not unmerged:
             return self.base_layer(x, *args, **kwargs)
+        self._check_unquantized()  # quantized after the adapter was added (torchao's quantize_, layerwise casting)
         factors = [self._factor(a, train_dropout=True) for a in unmerged]
         base = self.get_base_layer()
         cached = self._cached_weight(x, base, unmerged, factors)
@@ -271,7 +376,7 @@ class LieLayerMixin(AdapterLayerMixin):
         """W' for a call that needs no grad, rebuilt only when something it depends on changed.
 
         None (build W' inside the op as usual, and drop any cached one) when grad is needed, dropout
-        acts, torch.compile traces or the cache is off. The key holds W's storage, version (in-place
+        acts, torch.compile traces, the cache is off or its budget (`WEIGHT_CACHE_BUDGET`) is spent. The key holds W's storage, version (in-place
         updates), dtype and device, the adapters, scales, modes and the compute dtype; the factors are
         compared by value against small snapshots, so writes that bypass version counters
         (`param.data.copy_`, EMA swaps) are seen too.
@@ -295,8 +400,11 @@ class LieLayerMixin(AdapterLayerMixin):
             for old, new in zip(cache[1], factor_tensors)
         ):
             self._lie_cache = None  # never two kernels at once
+            if not WEIGHT_CACHE_BUDGET.admit(weight.numel() * dtype.itemsize, weight.device):
+                return None
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # W' from float32 math, as the op
                 cache = (key, [t.detach().clone() for t in factor_tensors], lie_weight(weight, factors, dtype))
+            WEIGHT_CACHE_BUDGET.hold(cache[2])
             self._lie_cache = cache
         return cache[2]
 
@@ -315,6 +423,7 @@ class LieLayerMixin(AdapterLayerMixin):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W ← W ⊙ M(sΔ) for each adapter, in float32 at least; the scaling used is remembered, so
         unmerge is exact even when `set_adapters` changes the scale in between."""
+        self._check_unquantized()
         weight = self.get_base_layer().weight
         self._lie_cache = None  # a fused layer needs no second kernel
         for adapter in check_adapters_to_merge(self, adapter_names):
@@ -452,7 +561,8 @@ def set_lie_speed_options(model: nn.Module, weight_cache: bool | None = None, ke
     `weight_cache` (default on): a call without grad reuses W' = W ⊙ M from the previous one while W, the
     factors, adapters, scales, dtype and device are unchanged, so unfused inference runs at the base
     model's speed. Memory: one extra kernel per adapted layer, the size of a fused model's weight, held
-    until the layer is fused, disabled, moved, its adapter deleted or the cache switched off (released then).
+    until the layer is fused, disabled, moved, its adapter deleted or the cache switched off (released then),
+    and never more than the per-device budget all layers share (`set_lie_weight_cache_budget`, 3 GiB by default).
     `keep_adapted` (default off): training saves W' for backward instead of rebuilding it, one extra kernel
     per adapted layer from its forward to its backward. Inside blocks under gradient checkpointing W' is
     always kept (it costs no memory across the step there; see `functional`), so the switch only

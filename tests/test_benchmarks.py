@@ -88,6 +88,47 @@ def test_speed_script_end_to_end(tmp_path):
     assert (tmp_path / "speed.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_speed_dit_end_to_end(tmp_path):
+    """`speed.py --dit` on Flux blocks of the tiny width: every method on the same Linear layers, results written,
+    the README left alone."""
+    import speed
+
+    docs = tmp_path / "performance-dit.md"
+    docs.write_text("# x\n<!-- bench:speed_dit:start -->\nSTALE\n<!-- bench:speed_dit:end -->\nkeep\n")
+    data = speed.main(["--dit", "--dit-width", "tiny", "--dit-image-tokens", "4", "--dit-text-tokens", "2", "--batch", "1",
+                       "--rank", "2", "--reps", "1", "--warmup", "0", "--out", str(tmp_path),
+                       "--dit-docs", str(docs)])
+    dit = data["dit"]
+    assert set(dit["methods"]) == set(speed.DIT_METHODS)
+    assert dit["config"]["blocks"] == ["FluxTransformerBlock", "FluxSingleTransformerBlock"] and dit["config"]["targets"] == 15
+    floor = dit["methods"]["floor"]
+    assert floor["grad_params"] == dit["config"]["target_weights"] and not floor["has_optimizer"]
+    lie, lora = dit["methods"]["lie-exp"], dit["methods"]["peft-lora"]
+    assert lie["trainable_params"] == lora["trainable_params"] > 0 and lie["peak_step_mib"] > 0
+    text = (tmp_path / "speed_dit.md").read_text()
+    assert "| lie-exp |" in text and data["command"].startswith("python benchmarks/speed.py --dit") and "--dit" in text
+    assert not (tmp_path / "speed.json").exists()
+    page = docs.read_text()
+    assert "| lie-exp |" in page and "STALE" not in page and page.endswith("keep\n")
+
+
+def test_shared_weight_clones_leave_the_base_frozen_for_every_method():
+    """Flux-size clones share their frozen weights; the floor trains copies of its own."""
+    base = B.build_flux_blocks("tiny")
+    targets = B.flux_targets(base)
+    inputs, target = B.flux_batch(base, 1, 4, 2)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for method in ("floor", "lie-exp", "peft-lora", "peft-hira"):
+        model = B.clone(base, share_weights=True)
+        B.train_step(model, B.attach(method, model, targets, 2), inputs, target)()
+        assert not any(p.requires_grad or p.grad is not None for p in base.parameters()), method
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    floor = B.clone(base, share_weights=True)
+    B.attach("floor", floor, targets, 2)
+    assert all(floor.get_submodule(t).weight is not base.get_submodule(t).weight for t in targets)
+    assert floor.double_block.norm1.linear.weight is base.double_block.norm1.linear.weight
+
+
 def test_compiled_benchmark_counts_graph_breaks():
     import speed
 
