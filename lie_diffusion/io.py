@@ -16,6 +16,7 @@ files are small. Loading validates the whole file against the model before chang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,12 +36,14 @@ from torch import nn
 from .functional import BALANCES, MODES, LieFactor, lie_delta, lie_multiplier
 from .inject import LieConfig, add_lie_adapters, find_targets, remove_adapter
 from .layers import LieLayerMixin, unwrap_layer
+from .naming import KOHYA_SECTIONS, kohya_name, module_of_kohya_name, parse_kohya_key
 
 FORMAT_VERSION = 1
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lie_diffusion"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; JSON of `LoraConfig` kwargs, prefixed by component
 LIE_PREFIX = "lie."
+HASH_KEY = "lie_diffusion_sha256"  # content hash of the tensors (`content_hash`), checked by every read
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SECTIONS = ("lora", "lie")
 # UNet config entries that fix adapter shapes and module names. Left out on purpose: in_channels (inpainting
@@ -152,23 +155,108 @@ def save_lie_weights(
 
 
 def write_lie_file(path, entries: list[ModuleEntry], fingerprint: dict | None, balance: str = "none",
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, *, kohya: bool = False, header: dict[str, str] | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
     """One adapter file from module entries, written atomically (a failure never leaves a broken file where a
-    good one was). `fingerprint`: the base UNet's (None: unknown); `extra`: more metadata, each value as JSON."""
-    tensors = {}
-    for entry in entries:
-        tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A.contiguous()
-        tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B.contiguous()
+    good one was). `fingerprint`: the base UNet's (None: unknown); `extra`: more metadata, each value as JSON;
+    `kohya`: keys in kohya names (`naming.kohya_key`), for sd-scripts; `header`: more metadata, as strings;
+    `dtype`: of the factors (default float32). The metadata holds the tensors' `content_hash`."""
+    if kohya:
+        if not fingerprint:
+            raise ValueError("A file in kohya names needs the base UNet's fingerprint (SD 1.x/2.x or SDXL).")
+        tensors = _kohya_tensors(entries, fingerprint)
+    else:
+        tensors = {}
+        for entry in entries:
+            tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A.contiguous()
+            tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B.contiguous()
+    if dtype is not None:
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in tensors.items()}
     info = _lie_metadata(entries, fingerprint, balance)
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
-    lora_metadata = _lora_metadata(entries)
+    metadata = {**(header or {}), "format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
+    lora_metadata = None if kohya else _lora_metadata(entries)
     if lora_metadata:
         metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)
     metadata.update({key: json.dumps(value, sort_keys=True) for key, value in (extra or {}).items()})
+    metadata[HASH_KEY] = content_hash(tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
     return path
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor, by sorted key: its name, dtype, shape and raw bytes (docs/FORMAT.md).
+
+    It covers the names and the values, not how the safetensors file lays them out, so it is the same for any
+    file that holds the same tensors."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _kohya_tensors(entries: list[ModuleEntry], fingerprint: dict) -> dict[str, torch.Tensor]:
+    """kohya keys: `<stem>.lora_down/lora_up.weight` (LoRA), `<stem>.lie_down/lie_up.weight` (Lie), `<stem>.alpha`."""
+    tensors = {}
+    for entry in entries:
+        stem = kohya_name(entry.component, entry.module, fingerprint)
+        down, up = KOHYA_SECTIONS[entry.section]
+        if f"{stem}.alpha" in tensors:
+            raise ValueError(f"{entry.ref}: kohya name {stem} is given twice.")
+        tensors[f"{stem}.{down}.weight"] = entry.A.contiguous()
+        tensors[f"{stem}.{up}.weight"] = entry.B.contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(entry.alpha, dtype=torch.float32)
+    return tensors
+
+
+def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], info: dict | None):
+    """A file in kohya names, its tensors under lie-diffusion keys, and each module's `.alpha` (checked once the
+    metadata has given the alphas)."""
+    config = ((info or {}).get("fingerprint") or {}).get("unet")
+    if not config:
+        raise ValueError(
+            f"{path}: a file in kohya names without lie-diffusion metadata (or without its UNet fingerprint): a kohya "
+            "LoRA/LyCORIS file, not a lie-diffusion one; load it with pipe.load_lora_weights or the host's own loader."
+        )
+    renamed, alphas = {}, {}
+    for key, tensor in tensors.items():
+        parsed = parse_kohya_key(key)
+        if parsed is None:
+            renamed[key] = tensor  # reported as an unexpected key
+            continue
+        stem, section, factor = parsed
+        try:
+            component, module = module_of_kohya_name(stem, config)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        if factor == "alpha":
+            alphas[stem] = (component, module, tensor)
+        else:
+            renamed[(LIE_PREFIX if section == "lie" else "") + f"{component}.{module}.lora_{factor}.weight"] = tensor
+    return renamed, alphas
+
+
+def _check_kohya_alphas(parsed: "LieFile", alphas: dict) -> None:
+    """Each module's `.alpha` tensor (what kohya tools read) must be the metadata's alpha, in float32."""
+    by_ref = {m.ref: m for m in parsed.modules}
+    for stem, (component, module, tensor) in alphas.items():
+        entry = by_ref.get(f"{component}.{module}")
+        if entry is None:
+            raise ValueError(f"{parsed.path}: {stem}.alpha has no factors (truncated or hand-edited file?).")
+        if tensor.numel() != 1 or tensor.float().item() != torch.tensor(entry.alpha, dtype=torch.float32).item():
+            raise ValueError(f"{parsed.path}: {stem}.alpha holds {tensor.tolist()} but the metadata says alpha "
+                             f"{entry.alpha} (hand-edited file?).")
+    missing = sorted(m.ref for m in parsed.modules if kohya_name(m.component, m.module, _unet_config(parsed))
+                     not in alphas)
+    if missing:
+        raise ValueError(f"{parsed.path}: {missing[0]} has no .alpha tensor (truncated or hand-edited file?).")
+
+
+def _unet_config(parsed: "LieFile") -> dict:
+    return ((parsed.info or {}).get("fingerprint") or {}).get("unet") or {}
 
 
 def _collect(model: nn.Module, component: str, adapter_name: str) -> list[ModuleEntry]:
@@ -324,10 +412,14 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error}).") from None
+    check_content_hash(path, header, tensors)
     info = _json_metadata(path, header, METADATA_KEY)
     lora_metadata = _json_metadata(path, header, LORA_METADATA_KEY)
     if info is not None:
         _check_version(path, info)
+    kohya_alphas = None
+    if any(parse_kohya_key(key) for key in tensors):
+        tensors, kohya_alphas = _from_kohya(path, tensors, info)
 
     factors: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     unknown = []
@@ -343,7 +435,8 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         raise ValueError(
             f"{path}: unexpected keys {shown}. lie-diffusion files hold only '<component>.<module>.lora_A.weight' / "
-            "'.lora_B.weight' keys (components: unet, text_encoder, text_encoder_2), optionally under 'lie.'; "
+            "'.lora_B.weight' keys (components: unet, text_encoder, text_encoder_2), optionally under 'lie.', or the "
+            "same in kohya names ('lora_unet_…'/'lora_te…' with '.lora_down/.lora_up/.lie_down/.lie_up.weight', '.alpha'); "
             "load other LoRA formats with pipe.load_lora_weights."
         )
     if not factors:
@@ -368,7 +461,21 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
         raise ValueError(f"{path}: the file has a Lie section ('lie.' keys) but no '{METADATA_KEY}' metadata.")
     else:
         _apply_lora_metadata(parsed)
+    if kohya_alphas is not None:
+        _check_kohya_alphas(parsed, kohya_alphas)
     return parsed
+
+
+def check_content_hash(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> bool | None:
+    """None for a file without a content hash (written before there was one); else True, or raise naming the file."""
+    stored = header.get(HASH_KEY)
+    if stored is None:
+        return None
+    actual = content_hash(tensors)
+    if actual != stored:
+        raise ValueError(f"{path}: the tensors do not match the file's content hash ({HASH_KEY} {stored[:16]}…, "
+                         f"computed {actual[:16]}…): the file is corrupt (a changed byte); download or copy it again.")
+    return True
 
 
 def _json_metadata(path: Path, header: dict, key: str) -> dict | None:
