@@ -109,6 +109,7 @@ class LieFile:
     info: dict | None  # the `lie_diffusion` metadata; None for a plain LoRA file
     lora_metadata: dict | None  # diffusers' `lora_adapter_metadata`
     header: dict[str, str] = field(default_factory=dict)  # the whole safetensors metadata, as stored
+    kohya_names: bool = False  # keys in kohya names (written by lie_diffusion.kohya), not lie-diffusion's
 
     def section(self, section: str, component: str | None = None) -> list[ModuleEntry]:
         return [m for m in self.modules if m.section == section and component in (None, m.component)]
@@ -453,7 +454,7 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
                 )
         _check_pair_shapes(path, prefix, pair["A"], pair["B"])
         modules.append(ModuleEntry(component, module, section, pair["A"], pair["B"], alpha=math.nan, mode=None))
-    parsed = LieFile(path, modules, info, lora_metadata, header)
+    parsed = LieFile(path, modules, info, lora_metadata, header, kohya_names=kohya_alphas is not None)
     _check_duplicates(parsed)
     if info is not None:
         _apply_lie_metadata(parsed)
