@@ -143,17 +143,19 @@ def sgm_name_to_unet(name: str, unet_config) -> str:
             return diffusers_name + name[len(sgm):]
     parts = name.split(".")
     try:
-        if parts[0] == "input_blocks" and len(parts) > 3:
+        if parts[0] == "input_blocks" and len(parts) > 3 and int(parts[1]) > 0:
             block, index = divmod(int(parts[1]) - 1, per_block + 1)
-            if index == per_block and parts[2:4] == ["0", "op"]:
+            if block < len(unet_config["down_block_types"]) and index == per_block and parts[2:4] == ["0", "op"]:
                 return f"down_blocks.{block}.downsamplers.0.conv" + _tail(parts[4:])
-            return f"down_blocks.{block}." + _outer(int(parts[2]), index, parts[3:], name)
-        if parts[0] == "middle_block" and len(parts) > 2:
+            if block < len(unet_config["down_block_types"]) and index < per_block:
+                return f"down_blocks.{block}." + _outer(int(parts[2]), index, parts[3:], name)
+        if parts[0] == "middle_block" and len(parts) > 2 and parts[1] in ("0", "1", "2"):
             position = int(parts[1])
             if position == 1:
                 return "mid_block.attentions.0" + _tail(parts[2:])
             return f"mid_block.resnets.{position // 2}." + _resnet_part(parts[2:], name)
-        if parts[0] == "output_blocks" and len(parts) > 3:
+        if parts[0] == "output_blocks" and len(parts) > 3 and int(parts[1]) < len(unet_config["up_block_types"]) * (
+                per_block + 1):
             block, index = divmod(int(parts[1]), per_block + 1)
             with_attention = unet_config["up_block_types"][block].startswith("CrossAttn")
             if index == per_block and parts[2] == str(2 if with_attention else 1) and parts[3] == "conv":
@@ -192,6 +194,8 @@ def module_of_kohya_name(stem: str, unet_config) -> tuple[str, str]:
             sgm = component == "unet" and path.split(".")[0] in _SGM_ROOTS
             try:
                 module = sgm_name_to_unet(path, unet_config) if sgm else path
+                if component == "unet" and not sgm:  # a diffusers name: it must have a place in the layout too
+                    sgm_name_to_unet(unet_name_to_sgm(module, unet_config), unet_config)
                 if kohya_name(component, module, unet_config, sgm_unet=sgm) == stem:
                     return component, module
             except (ValueError, KeyError, IndexError):
