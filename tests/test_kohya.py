@@ -438,3 +438,30 @@ def test_content_hash_refuses_one_flipped_byte_and_old_files_still_load(sd1, tmp
     save_file(tensors, str(tampered), metadata={**header, HASH_KEY: content_hash(tensors)})
     with pytest.raises(ValueError, match=rf"alpha\.safetensors: {key.split('.')[0]}\.alpha holds"):
         read_lie_file(tampered)
+
+
+# ------------------------------------------------------------------------------------------ other readers
+
+
+def test_hosts_find_the_files_own_names_and_stock_diffusers_refuses_it(sd1, tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from lie_diffusion.hosts import TEXT_ENCODERS, UNET, kohya_names
+    from lie_diffusion.tiny import tiny_vae
+
+    unet, te, base, base_te = sd1
+    network = create_network(1.0, 4, 1, None, te, unet)
+    _randomize(network)
+    path = tmp_path / "kohya.safetensors"
+    network.save_weights(str(path), None, None)
+    names, problems = kohya_names(read_lie_file(path), UNET + TEXT_ENCODERS)  # what ComfyUI/Forge/A1111 look up
+    assert not problems and set(names) == {k.split(".")[0] for k in load_file(path)}
+
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=base_te, tokenizer=None, unet=base,
+                                   scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)not been correctly renamed.*lie_down\.weight"):
+        pipe.load_lora_weights(str(path))
+    assert pipe.unet.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
