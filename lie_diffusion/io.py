@@ -8,7 +8,10 @@ Layout (docs/FORMAT.md has the full spec):
 * Lie section: the same names under `lie.`; stock diffusers filters keys by component prefix and
   so never sees them (it would otherwise add them as LoRA: silently wrong).
 * `lie_diffusion` metadata: format version, mode, rank, alpha, per-module overrides, targets and a
-  fingerprint of the base UNet's config.
+  fingerprint of the base UNet's config; `lie_diffusion_sha256`: a content hash of the tensors, checked by
+  every read (a file written before it has none and still loads).
+* The same modules may instead be stored under kohya names (`lora_unet_…`, `.lie_down/.lie_up/.lora_down/
+  .lora_up.weight`, `.alpha`), as `lie_diffusion.kohya` writes them for sd-scripts; reading maps them back.
 
 Factors are stored in float32 whatever the model's dtype: an exact superset of fp16/bf16, and the
 files are small. Loading validates the whole file against the model before changing anything.

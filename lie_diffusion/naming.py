@@ -1,4 +1,6 @@
-"""kohya names of lie-diffusion modules: the one place every room that speaks kohya reads (export, hosts).
+"""kohya names of lie-diffusion modules: the one place every room that speaks kohya reads (export, hosts, the
+sd-scripts network module, and `io` for files written in kohya names), both ways: `kohya_name` and its inverse
+`module_of_kohya_name`.
 
 SD1.x/2.x UNets use kohya's diffusers-style names (`lora_unet_down_blocks_0_resnets_0_conv1`), which
 diffusers, ComfyUI, Forge and A1111 all map. SDXL uses the SGM/LDM names kohya trains with

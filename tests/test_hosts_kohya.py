@@ -186,11 +186,13 @@ def test_train_network_trains_saves_and_resumes(work, trained):
     assert {m.module for m in adapter.section("lie")} == set(convs) and len(convs) == 64
     assert {m.module for m in adapter.section("lora", "unet")} == set(attns)
     assert len(adapter.section("lora", "text_encoder")) == 12 * 4  # q, k, v, out of every CLIP layer
-    moved = [m for m in adapter.modules if m.B.abs().max() > 0]
-    assert len(moved) == len(adapter.modules)  # every module trained (B starts at zero)
+    # Every module trained (B starts at zero) but the mid block's self-attention query and key: on 8×8 latents that
+    # block sees one token, the softmax over one key is 1 and their gradient is exactly zero.
+    still = {m.module for m in adapter.modules if m.B.abs().max() == 0}
+    assert still == {f"mid_block.attentions.0.transformer_blocks.0.attn1.to_{p}" for p in "qk"}
     by_ref = {m.ref: m for m in again.modules}
     assert by_ref.keys() == {m.ref for m in adapter.modules}
-    assert all(not torch.equal(by_ref[m.ref].B, m.B) for m in adapter.modules)  # the resumed run went on training
+    assert all(not torch.equal(by_ref[m.ref].B, m.B) for m in adapter.modules if m.module not in still)  # went on
     assert all(by_ref[m.ref].alpha == m.alpha for m in adapter.modules)
 
 
