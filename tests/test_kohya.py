@@ -465,3 +465,33 @@ def test_hosts_find_the_files_own_names_and_stock_diffusers_refuses_it(sd1, tmp_
         pipe.load_lora_weights(str(path))
     assert pipe.unet.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_cli_reads_the_kohya_file(tiny_pipeline_dir, tmp_path, capsys):
+    """merge, inspect, export and combine on a file the network wrote for the tiny pipeline's own UNet/encoder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lie_diffusion.cli import main
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_pipeline_dir), subfolder="unet")
+    te = CLIPTextModel.from_pretrained(str(tiny_pipeline_dir), subfolder="text_encoder")
+    network = create_network(1.0, 4, 1, None, te, unet)
+    _randomize(network, std=0.05)
+    path = tmp_path / "kohya.safetensors"
+    network.save_weights(str(path), None, None)
+
+    assert main(["inspect", str(path)]) == 0
+    assert "Names: kohya" in capsys.readouterr().out
+    assert main(["merge", "--base", str(tiny_pipeline_dir), "--weights", str(path), "--output",
+                 str(tmp_path / "merged")]) == 0
+    merged = UNet2DConditionModel.from_pretrained(str(tmp_path / "merged"), subfolder="unet")
+    network.merge_to(te, unet, None)  # the kohya side folds the same model into its layers
+    for name, param in unet.state_dict().items():
+        assert torch.allclose(merged.state_dict()[name], param, rtol=1e-6, atol=1e-7), name
+    assert main(["export", str(path), "--base", str(tiny_pipeline_dir), "--output", str(tmp_path / "e.safetensors"),
+                 "--conv", "exact", "--dtype", "fp32"]) == 0
+    assert main(["combine", str(path), str(path), "--weights", "0.5", "0.5", "--output",
+                 str(tmp_path / "c.safetensors")]) == 0
+    combined, original = read_lie_file(tmp_path / "c.safetensors"), read_lie_file(path)
+    assert {m.ref for m in combined.modules} == {m.ref for m in original.modules}
