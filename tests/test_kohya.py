@@ -495,3 +495,29 @@ def test_cli_reads_the_kohya_file(tiny_pipeline_dir, tmp_path, capsys):
                  str(tmp_path / "c.safetensors")]) == 0
     combined, original = read_lie_file(tmp_path / "c.safetensors"), read_lie_file(path)
     assert {m.ref for m in combined.modules} == {m.ref for m in original.modules}
+
+
+@pytest.mark.parametrize("strength", MULTIPLIERS)
+def test_host_loaders_patch_the_kohya_file_to_the_networks_model(sd1, tmp_path, strength):
+    """The ComfyUI/Forge core (`hosts.host_patches`, ComfyUI's key names as test_export writes them down) on the
+    file gives every UNet weight the network's own merge at that strength."""
+    from test_export import comfyui_table
+
+    from lie_diffusion.hosts import UNET, host_patches
+
+    unet, te, base, _ = sd1
+    network = create_network(1.0, 4, 1, None, te, unet, attn="lie")
+    _randomize(network, std=0.1)
+    path = tmp_path / "kohya.safetensors"
+    network.save_weights(str(path), None, None)
+    table = comfyui_table(base, {})
+    key_map = {stem: module for stem, (component, module) in table.items() if component == "unet"}
+    weights = {name: base.get_submodule(name).weight.detach() for name in set(key_map.values())}
+    got = host_patches(path, key_map, weights, strength, UNET, load_lora=lambda *_: {})
+    network.set_multiplier(strength)
+    network.merge_to(te, unet, None)
+    assert set(got) == {m.module for m in network.unet_loras}
+    for name, patch in got.items():
+        weight = weights[name]
+        patched = weight.float() + patch.update(weight, strength)
+        assert torch.allclose(patched, unet.get_submodule(name).weight, rtol=1e-5, atol=1e-7), name
