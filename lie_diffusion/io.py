@@ -440,7 +440,8 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
         raise ValueError(
             f"{path}: unexpected keys {shown}. lie-diffusion files hold only '<component>.<module>.lora_A.weight' / "
             "'.lora_B.weight' keys (components: unet, text_encoder, text_encoder_2), optionally under 'lie.', or the "
-            "same in kohya names ('lora_unet_…'/'lora_te…' with '.lora_down/.lora_up/.lie_down/.lie_up.weight', '.alpha'); "
+            "same in kohya names ('lora_unet_…'/'lora_te…' with '.lora_down/.lora_up/.lie_down/.lie_up.weight', "
+            "'.alpha'); "
             "load other LoRA formats with pipe.load_lora_weights."
         )
     if not factors:

@@ -35,7 +35,8 @@ TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")
 _CROSS_ATTN_DOWN, _CROSS_ATTN_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
 _SD_LAYOUT = {
     "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "addition_embed_type": None,
-    "down_block_types": [_CROSS_ATTN_DOWN] * 3 + ["DownBlock2D"], "up_block_types": ["UpBlock2D"] + [_CROSS_ATTN_UP] * 3,
+    "down_block_types": [_CROSS_ATTN_DOWN] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + [_CROSS_ATTN_UP] * 3,
 }
 KOHYA_FINGERPRINTS = {
     "sd1": {**_SD_LAYOUT, "cross_attention_dim": 768, "use_linear_projection": False},
@@ -535,6 +536,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         shown = "; ".join(problems[:5]) + (f"; ... (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         raise ValueError(f"{adapter.path}: does not fit these models: {shown}.")
     network = LieNetwork(modules, layout, (adapter.info or {}).get("balance", "none"), multiplier)
-    state = {k: v for entry, module in zip(adapter.modules, modules) for k, v in _state(module.lora_name, entry).items()}
+    state = {key: value for entry, module in zip(adapter.modules, modules)
+             for key, value in _state(module.lora_name, entry).items()}
     network.load_state_dict(state, strict=True)
     return network, network.state_dict()

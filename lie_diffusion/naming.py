@@ -204,7 +204,8 @@ def module_of_kohya_name(stem: str, unet_config) -> tuple[str, str]:
                 pass
             break
     family_name = "SDXL" if family == "sdxl" else "SD 1.x/2.x"
-    raise ValueError(f"{stem}: not a kohya name of an {family_name} UNet or text encoder module this file format covers.")
+    raise ValueError(f"{stem}: not a kohya name of an {family_name} UNet or text encoder module this file format "
+                     "covers.")
 
 
 # The factor keys of a file in kohya names: LoRA modules as kohya writes them (every kohya/LyCORIS loader reads

@@ -158,7 +158,8 @@ def test_every_kohya_name_maps_back_to_its_module(kind):
 def test_sd1_names_are_diffusers_names_and_bad_names_are_refused():
     layout = KOHYA_FINGERPRINTS["sd1"]
     stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"
-    assert module_of_kohya_name(stem, layout) == ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0")
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    assert module_of_kohya_name(stem, layout) == ("unet", module)
     assert module_of_kohya_name("lora_unet_up_blocks_1_resnets_2_conv_shortcut", layout)[1] == \
         "up_blocks.1.resnets.2.conv_shortcut"
     for bad in ("lora_unet_no_such_block", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
@@ -361,7 +362,8 @@ def test_weights_that_do_not_fit_are_refused_naming_the_file(sd1, tmp_path):
         network.save_weights(str(tmp_path / "x.ckpt"), None, None)
     sdxl = sgm_stand_in(tiny_unet("sdxl"))
     with pytest.raises(ValueError, match=r"rank4\.safetensors: saved for another UNet"):
-        create_network_from_weights(1.0, path, None, [tiny_text_encoder(), tiny_text_encoder(1, with_projection=True)], sdxl)
+        encoders = [tiny_text_encoder(), tiny_text_encoder(1, with_projection=True)]
+        create_network_from_weights(1.0, path, None, encoders, sdxl)
 
 
 def test_optimizer_groups_learning_rates_and_max_norm(tmp_path):
