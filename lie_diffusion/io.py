@@ -237,7 +237,7 @@ def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], info: dict | None)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
         if factor == "alpha":
-            alphas[stem] = (component, module, tensor)
+            alphas[f"{component}.{module}"] = (stem, tensor)
         else:
             renamed[(LIE_PREFIX if section == "lie" else "") + f"{component}.{module}.lora_{factor}.weight"] = tensor
     return renamed, alphas
@@ -246,21 +246,16 @@ def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], info: dict | None)
 def _check_kohya_alphas(parsed: "LieFile", alphas: dict) -> None:
     """Each module's `.alpha` tensor (what kohya tools read) must be the metadata's alpha, in float32."""
     by_ref = {m.ref: m for m in parsed.modules}
-    for stem, (component, module, tensor) in alphas.items():
-        entry = by_ref.get(f"{component}.{module}")
+    for ref, (stem, tensor) in alphas.items():
+        entry = by_ref.get(ref)
         if entry is None:
             raise ValueError(f"{parsed.path}: {stem}.alpha has no factors (truncated or hand-edited file?).")
         if tensor.numel() != 1 or tensor.float().item() != torch.tensor(entry.alpha, dtype=torch.float32).item():
             raise ValueError(f"{parsed.path}: {stem}.alpha holds {tensor.tolist()} but the metadata says alpha "
                              f"{entry.alpha} (hand-edited file?).")
-    missing = sorted(m.ref for m in parsed.modules if kohya_name(m.component, m.module, _unet_config(parsed))
-                     not in alphas)
+    missing = sorted(ref for ref in by_ref if ref not in alphas)
     if missing:
         raise ValueError(f"{parsed.path}: {missing[0]} has no .alpha tensor (truncated or hand-edited file?).")
-
-
-def _unet_config(parsed: "LieFile") -> dict:
-    return ((parsed.info or {}).get("fingerprint") or {}).get("unet") or {}
 
 
 def _collect(model: nn.Module, component: str, adapter_name: str) -> list[ModuleEntry]:

@@ -523,3 +523,19 @@ def test_host_loaders_patch_the_kohya_file_to_the_networks_model(sd1, tmp_path, 
         weight = weights[name]
         patched = weight.float() + patch.update(weight, strength)
         assert torch.allclose(patched, unet.get_submodule(name).weight, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_module_without_its_alpha_is_refused(sd1, tmp_path):
+    unet, te, _, _ = sd1
+    network = create_network(1.0, 4, 1, None, te, unet)
+    path = tmp_path / "kohya.safetensors"
+    network.save_weights(str(path), None, None)
+    with safe_open(str(path), framework="pt") as file:
+        header = file.metadata()
+    tensors = load_file(path)
+    key = "lora_unet_down_blocks_0_resnets_0_conv1.alpha"
+    del tensors[key]
+    save_file(tensors, str(tmp_path / "no-alpha.safetensors"), metadata={**header, HASH_KEY: content_hash(tensors)})
+    with pytest.raises(ValueError, match=r"no-alpha\.safetensors: unet\.down_blocks\.0\.resnets\.0\.conv1 has no "
+                                         r"\.alpha tensor"):
+        read_lie_file(tmp_path / "no-alpha.safetensors")
