@@ -411,7 +411,7 @@ def _flip_data_byte(path, target, offset):
     return target
 
 
-def test_content_hash_refuses_one_flipped_byte_and_old_files_still_load(sd1, tmp_path):
+def test_content_hash_refuses_one_flipped_byte_and_old_files_still_load(sd1, tmp_path, capsys):
     unet, te, base, _ = sd1
     network = create_network(1.0, 4, 1, None, te, unet)
     _randomize(network)
@@ -433,6 +433,15 @@ def test_content_hash_refuses_one_flipped_byte_and_old_files_still_load(sd1, tmp
     old = tmp_path / "old.safetensors"  # written before there was a hash
     save_file(load_file(path), str(old), metadata={k: v for k, v in header.items() if k != HASH_KEY})
     assert len(read_lie_file(old).modules) == len(read_lie_file(path).modules)
+
+    from lie_diffusion.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0 and f"Content hash: sha256 {header[HASH_KEY]} (matches" in \
+        capsys.readouterr().out
+    assert main(["inspect", str(old)]) == 0 and "Content hash: none" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "bad0.safetensors")]) == 1
+    assert "bad0.safetensors: the tensors do not match the file's content hash" in capsys.readouterr().err
     tampered = tmp_path / "alpha.safetensors"  # consistent hash, but an .alpha that is not the metadata's
     tensors = load_file(path)
     key = next(k for k in tensors if k.endswith(".alpha"))
