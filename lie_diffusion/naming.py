@@ -1,6 +1,4 @@
-"""kohya names of lie-diffusion modules: the one place every room that speaks kohya reads (export, hosts, the
-sd-scripts network module, and `io` for files written in kohya names), both ways: `kohya_name` and its inverse
-`module_of_kohya_name`.
+"""kohya names of lie-diffusion modules: the one place every room that speaks kohya reads (export, hosts).
 
 SD1.x/2.x UNets use kohya's diffusers-style names (`lora_unet_down_blocks_0_resnets_0_conv1`), which
 diffusers, ComfyUI, Forge and A1111 all map. SDXL uses the SGM/LDM names kohya trains with
@@ -109,7 +107,8 @@ def kohya_name(component: str, module: str, unet_config, sgm_unet: bool = False)
 
 
 # ------------------------------------------------------------------------------ kohya names -> modules
-# The reverse of `kohya_name`, for files written in kohya names (lie_diffusion.kohya, sd-scripts). A key stem is
+# The reverse of `kohya_name`, for files written in kohya names (lie_diffusion.kohya in sd-scripts) that `io` reads
+# and the network module places. A key stem is
 # the dotted path with "." replaced by "_"; the identifiers below keep their own "_" when the dots come back.
 _UNDERSCORED = frozenset(
     part
