@@ -108,8 +108,8 @@ def kohya_name(component: str, module: str, unet_config, sgm_unet: bool = False)
 
 # ------------------------------------------------------------------------------ kohya names -> modules
 # The reverse of `kohya_name`, for files written in kohya names (lie_diffusion.kohya in sd-scripts) that `io` reads
-# and the network module places. A key stem is
-# the dotted path with "." replaced by "_"; the identifiers below keep their own "_" when the dots come back.
+# and the network module places. A key stem is the dotted path with "." replaced by "_"; the identifiers below keep
+# their own "_" when the dots come back.
 _UNDERSCORED = frozenset(
     part
     for name in (*_RESNET_TO_SGM, *_RESNET_TO_SGM.values(), *_TOP_LEVEL_TO_SGM, *_TOP_LEVEL_TO_SGM.values())
