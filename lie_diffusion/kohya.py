@@ -322,10 +322,17 @@ class LieNetwork(nn.Module):
 
     def load_weights(self, file):
         """Factors, alphas and modes of a lie-diffusion file (either naming) into this network; a module of the file
-        that the network lacks, or of another rank or kind, raises naming the file. Returns torch's load report."""
+        that the network lacks, or of another rank or kind, raises naming the file (the modules of a part this run
+        does not train, e.g. the text encoders with --network_train_unet_only, are left out). Returns torch's
+        load report."""
         adapter = read_lie_file(file)
         state, mismatched = {}, []
-        for entry in adapter.modules:
+        applied = {m.component for m in self.children()}
+        left_out = sorted({e.component for e in adapter.modules} - applied)
+        if left_out:  # e.g. --network_train_unet_only on a file with text encoder modules
+            logger.warning(f"lie_diffusion.kohya: {adapter.path}: its {', '.join(left_out)} modules are not trained "
+                           "in this run and are left out (also of the file it saves)")
+        for entry in (e for e in adapter.modules if e.component in applied):
             stem = kohya_name(entry.component, entry.module, _file_layout(adapter, self.layout))
             module = getattr(self, stem, None) if stem in self._modules else None
             if module is None or module.section != entry.section or module.rank != entry.rank:

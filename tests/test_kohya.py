@@ -548,3 +548,18 @@ def test_a_module_without_its_alpha_is_refused(sd1, tmp_path):
     with pytest.raises(ValueError, match=r"no-alpha\.safetensors: unet\.down_blocks\.0\.resnets\.0\.conv1 has no "
                                          r"\.alpha tensor"):
         read_lie_file(tmp_path / "no-alpha.safetensors")
+
+
+def test_resuming_the_unet_only_leaves_the_text_encoder_part_out(sd1, tmp_path, caplog):
+    unet, te, base, base_te = sd1
+    network = create_network(1.0, 4, 1, None, te, unet)
+    _randomize(network)
+    path = str(tmp_path / "full.safetensors")
+    network.save_weights(path, None, None)
+    unet_only = create_network(1.0, 4, 1, None, base_te, base)
+    unet_only.apply_to(base_te, base, apply_text_encoder=False, apply_unet=True)  # --network_train_unet_only
+    info = unet_only.load_weights(path)
+    assert not info.missing_keys and not unet_only.text_encoder_loras
+    assert "text_encoder modules are not trained in this run" in caplog.text
+    for module in unet_only.children():
+        assert torch.equal(module.up, getattr(network, module.lora_name).up)
