@@ -25,7 +25,7 @@ from torch import nn
 
 from .functional import BALANCES, MODES, LieFactor, balance_factor, lie_conv2d, lie_delta, lie_linear, lie_weight
 from .inject import ATTN_ADAPTERS, LieConfig, _suffix_regex
-from .io import ModuleEntry, read_lie_file, write_lie_file
+from .io import ModuleEntry, read_lie_file, unet_fingerprint, write_lie_file
 from .naming import KOHYA_SECTIONS, is_sdxl, kohya_name, sgm_name_to_unet
 
 logger = logging.getLogger(__name__)
@@ -134,8 +134,6 @@ def unet_layout(unet: nn.Module) -> dict:
     gives it."""
     config = getattr(unet, "config", None)
     if isinstance(config, dict) and "block_out_channels" in config:
-        from .io import unet_fingerprint
-
         return unet_fingerprint(unet)
     if hasattr(unet, "input_blocks"):
         return dict(KOHYA_FINGERPRINTS["sdxl"])
