@@ -151,6 +151,9 @@ def inspect_command(args: argparse.Namespace) -> None:
 
 def describe(adapter, sources: list[dict] | None = None) -> str:
     """A human-readable report of a `LieFile`; `sources`: the inputs `combine` made it from."""
+    from .io import HASH_KEY
+    from .naming import KOHYA_SECTIONS
+
     info = adapter.info
     lines = [f"File: {adapter.path} ({adapter.path.stat().st_size / 1024:.1f} KiB)"]
     if info is None:
@@ -175,6 +178,12 @@ def describe(adapter, sources: list[dict] | None = None) -> str:
             fingerprint = dict(fingerprints["transformer"])
             model_class = fingerprint.pop("_class_name", "transformer")
             lines.append(f"Base {model_class}: " + ", ".join(f"{k}={v}" for k, v in sorted(fingerprint.items())))
+    if adapter.kohya_names:
+        lines.append("Names: kohya (lora_unet_…, lora_te…_…; LoRA as .lora_down/.lora_up, Lie as .lie_down/.lie_up, "
+                     "every module with .alpha), as lie_diffusion.kohya writes them for sd-scripts")
+    stored = adapter.header.get(HASH_KEY)
+    lines.append(f"Content hash: sha256 {stored} (matches the tensors)" if stored else
+                 "Content hash: none (a file written before lie-diffusion stored one: not checked)")
     if sources:
         lines.append("Combined from: " + ", ".join(f"{s['file']} × {s['weight']:g}" for s in sources)
                      + " (lie-diffusion combine; weights and scalings are folded into lora_B, alpha = rank)")
@@ -189,6 +198,8 @@ def describe(adapter, sources: list[dict] | None = None) -> str:
             f"{c} {len(adapter.section(section, c))}" for c in adapter.components if adapter.section(section, c)
         )
         keys = ", ".join(f"{prefix}{c}.*" for c in adapter.components if adapter.section(section, c))
+        if adapter.kohya_names:
+            keys = f"*.{KOHYA_SECTIONS[section][0]}/{KOHYA_SECTIONS[section][1]}.weight"
         params = sum(m.num_parameters for m in modules)
         lines.append(f"  {title:<5} {len(modules)} modules ({per_component}), {params:,} parameters, keys {keys}")
     lines.append(
@@ -196,7 +207,9 @@ def describe(adapter, sources: list[dict] | None = None) -> str:
     )
 
     lora, lie = adapter.section("lora"), adapter.section("lie")
-    if lora:
+    if adapter.kohya_names:
+        stock = "pipe.load_lora_weights() refuses the file (it cannot rename the Lie keys); use lie_diffusion."
+    elif lora:
         stock = f"pipe.load_lora_weights() loads the LoRA section ({len(lora)} modules)"
         stock += f" and ignores the Lie section ({len(lie)} modules)." if lie else "; this is the whole adapter."
     else:

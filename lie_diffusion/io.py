@@ -9,7 +9,10 @@ Layout (docs/FORMAT.md has the full spec):
 * Lie section: the same names under `lie.`; stock diffusers filters keys by component prefix and
   so never sees them (it would otherwise add them as LoRA: silently wrong).
 * `lie_diffusion` metadata: format version, mode, rank, alpha, per-module overrides, targets and a
-  fingerprint of the base UNet's or transformer's config.
+  fingerprint of the base UNet's or transformer's config; `lie_diffusion_sha256`: a content hash of the
+  tensors, checked by every read (a file written before it has none and still loads).
+* The same modules may instead be stored under kohya names (`lora_unet_…`, `.lie_down/.lie_up/.lora_down/
+  .lora_up.weight`, `.alpha`), as `lie_diffusion.kohya` writes them for sd-scripts; reading maps them back.
 
 Factors are stored in float32 whatever the model's dtype: an exact superset of fp16/bf16, and the
 files are small. Loading validates the whole file against the model before changing anything.
@@ -17,6 +20,7 @@ files are small. Loading validates the whole file against the model before chang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,12 +40,14 @@ from torch import nn
 from .functional import BALANCES, MODES, LieFactor, lie_delta, lie_multiplier
 from .inject import LieConfig, add_lie_adapters, denoiser_class, find_targets, model_family, remove_adapter
 from .layers import LieLayerMixin, unwrap_layer
+from .naming import KOHYA_SECTIONS, kohya_name, module_of_kohya_name, parse_kohya_key
 
 FORMAT_VERSION = 1
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lie_diffusion"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key; JSON of `LoraConfig` kwargs, prefixed by component
 LIE_PREFIX = "lie."
+HASH_KEY = "lie_diffusion_sha256"  # content hash of the tensors (`content_hash`), checked by every read
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 DENOISERS = ("unet", "transformer")
 SECTIONS = ("lora", "lie")
@@ -125,6 +131,7 @@ class LieFile:
     info: dict | None  # the `lie_diffusion` metadata; None for a plain LoRA file
     lora_metadata: dict | None  # diffusers' `lora_adapter_metadata`
     header: dict[str, str] = field(default_factory=dict)  # the whole safetensors metadata, as stored
+    kohya_names: bool = False  # keys in kohya names (written by lie_diffusion.kohya), not lie-diffusion's
 
     def section(self, section: str, component: str | None = None) -> list[ModuleEntry]:
         return [m for m in self.modules if m.section == section and component in (None, m.component)]
@@ -173,27 +180,108 @@ def save_lie_weights(
 
 
 def write_lie_file(path, entries: list[ModuleEntry], fingerprints: dict | None, balance: str = "none",
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, *, kohya: bool = False, header: dict[str, str] | None = None,
+                   dtype: torch.dtype | None = None) -> Path:
     """One adapter file from module entries, written atomically (a failure never leaves a broken file where a
     good one was). `fingerprints`: the base denoiser's, `{"unet" | "transformer": model_fingerprint(...)}`
-    (None or empty: unknown); `extra`: more metadata, each value as JSON."""
+    (None or empty: unknown); `extra`: more metadata, each value as JSON; `kohya`: keys in kohya names
+    (`naming.kohya_key`), for sd-scripts; `header`: more metadata, as strings; `dtype`: of the factors (default
+    float32). The metadata holds the tensors' `content_hash`."""
     unknown = sorted(set(fingerprints or {}) - set(DENOISERS))
     if unknown:
         raise ValueError(f"write_lie_file: fingerprints are keyed by denoiser component {DENOISERS}, got {unknown}.")
-    tensors = {}
-    for entry in entries:
-        tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A.contiguous()
-        tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B.contiguous()
+    if kohya:
+        unet = (fingerprints or {}).get("unet")
+        if not unet:
+            raise ValueError("A file in kohya names needs the base UNet's fingerprint (SD 1.x/2.x or SDXL).")
+        tensors = _kohya_tensors(entries, unet)
+    else:
+        tensors = {}
+        for entry in entries:
+            tensors[f"{entry.key_prefix}.lora_A.weight"] = entry.A.contiguous()
+            tensors[f"{entry.key_prefix}.lora_B.weight"] = entry.B.contiguous()
+    if dtype is not None:
+        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in tensors.items()}
     info = _lie_metadata(entries, fingerprints, balance)
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
-    lora_metadata = _lora_metadata(entries)
+    metadata = {**(header or {}), "format": "pt", METADATA_KEY: json.dumps(info, sort_keys=True)}
+    lora_metadata = None if kohya else _lora_metadata(entries)
     if lora_metadata:
         metadata[LORA_METADATA_KEY] = json.dumps(lora_metadata, sort_keys=True)
     metadata.update({key: json.dumps(value, sort_keys=True) for key, value in (extra or {}).items()})
+    metadata[HASH_KEY] = content_hash(tensors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
     return path
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor, by sorted key: its name, dtype, shape and raw bytes (docs/FORMAT.md).
+
+    It covers the names and the values, not how the safetensors file lays them out, so it is the same for any
+    file that holds the same tensors."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _kohya_tensors(entries: list[ModuleEntry], fingerprint: dict) -> dict[str, torch.Tensor]:
+    """kohya keys: `<stem>.lora_down/lora_up.weight` (LoRA), `<stem>.lie_down/lie_up.weight` (Lie), `<stem>.alpha`."""
+    tensors = {}
+    for entry in entries:
+        stem = kohya_name(entry.component, entry.module, fingerprint)
+        down, up = KOHYA_SECTIONS[entry.section]
+        if f"{stem}.alpha" in tensors:
+            raise ValueError(f"{entry.ref}: kohya name {stem} is given twice.")
+        tensors[f"{stem}.{down}.weight"] = entry.A.contiguous()
+        tensors[f"{stem}.{up}.weight"] = entry.B.contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(entry.alpha, dtype=torch.float32)
+    return tensors
+
+
+def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], info: dict | None):
+    """A file in kohya names, its tensors under lie-diffusion keys, and each module's `.alpha` (checked once the
+    metadata has given the alphas)."""
+    config = ((info or {}).get("fingerprint") or {}).get("unet")
+    if not config:
+        raise ValueError(
+            f"{path}: a file in kohya names without lie-diffusion metadata (or without its UNet fingerprint): a kohya "
+            "LoRA/LyCORIS file, not a lie-diffusion one; load it with pipe.load_lora_weights or the host's own loader."
+        )
+    renamed, alphas = {}, {}
+    for key, tensor in tensors.items():
+        parsed = parse_kohya_key(key)
+        if parsed is None:
+            renamed[key] = tensor  # reported as an unexpected key
+            continue
+        stem, section, factor = parsed
+        try:
+            component, module = module_of_kohya_name(stem, config)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        if factor == "alpha":
+            alphas[f"{component}.{module}"] = (stem, tensor)
+        else:
+            renamed[(LIE_PREFIX if section == "lie" else "") + f"{component}.{module}.lora_{factor}.weight"] = tensor
+    return renamed, alphas
+
+
+def _check_kohya_alphas(parsed: "LieFile", alphas: dict) -> None:
+    """Each module's `.alpha` tensor (what kohya tools read) must be the metadata's alpha, in float32."""
+    by_ref = {m.ref: m for m in parsed.modules}
+    for ref, (stem, tensor) in alphas.items():
+        entry = by_ref.get(ref)
+        if entry is None:
+            raise ValueError(f"{parsed.path}: {stem}.alpha has no factors (truncated or hand-edited file?).")
+        if tensor.numel() != 1 or tensor.float().item() != torch.tensor(entry.alpha, dtype=torch.float32).item():
+            raise ValueError(f"{parsed.path}: {stem}.alpha holds {tensor.tolist()} but the metadata says alpha "
+                             f"{entry.alpha} (hand-edited file?).")
+    missing = sorted(ref for ref in by_ref if ref not in alphas)
+    if missing:
+        raise ValueError(f"{parsed.path}: {missing[0]} has no .alpha tensor (truncated or hand-edited file?).")
 
 
 def _collect(model: nn.Module, component: str, adapter_name: str) -> list[ModuleEntry]:
@@ -363,10 +451,14 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
             tensors = {key: file.get_tensor(key) for key in file.keys()}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error}).") from None
+    check_content_hash(path, header, tensors)
     info = _json_metadata(path, header, METADATA_KEY)
     lora_metadata = _json_metadata(path, header, LORA_METADATA_KEY)
     if info is not None:
         _check_version(path, info)
+    kohya_alphas = None
+    if any(parse_kohya_key(key) for key in tensors):
+        tensors, kohya_alphas = _from_kohya(path, tensors, info)
 
     factors: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     unknown = []
@@ -382,7 +474,9 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
         shown = ", ".join(unknown[:3]) + (f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else "")
         raise ValueError(
             f"{path}: unexpected keys {shown}. lie-diffusion files hold only '<component>.<module>.lora_A.weight' / "
-            f"'.lora_B.weight' keys (components: {', '.join(COMPONENTS)}), optionally under 'lie.'; "
+            f"'.lora_B.weight' keys (components: {', '.join(COMPONENTS)}), optionally under 'lie.', or the "
+            "same in kohya names ('lora_unet_…'/'lora_te…' with '.lora_down/.lora_up/.lie_down/.lie_up.weight', "
+            "'.alpha'); "
             "load other LoRA formats with pipe.load_lora_weights."
         )
     if not factors:
@@ -399,7 +493,7 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
                 )
         _check_pair_shapes(path, prefix, pair["A"], pair["B"])
         modules.append(ModuleEntry(component, module, section, pair["A"], pair["B"], alpha=math.nan, mode=None))
-    parsed = LieFile(path, modules, info, lora_metadata, header)
+    parsed = LieFile(path, modules, info, lora_metadata, header, kohya_names=kohya_alphas is not None)
     _check_duplicates(parsed)
     if info is not None:
         _apply_lie_metadata(parsed)
@@ -407,7 +501,21 @@ def read_lie_file(path_or_dir, weight_name: str | None = None) -> LieFile:
         raise ValueError(f"{path}: the file has a Lie section ('lie.' keys) but no '{METADATA_KEY}' metadata.")
     else:
         _apply_lora_metadata(parsed)
+    if kohya_alphas is not None:
+        _check_kohya_alphas(parsed, kohya_alphas)
     return parsed
+
+
+def check_content_hash(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> bool | None:
+    """None for a file without a content hash (written before there was one); else True, or raise naming the file."""
+    stored = header.get(HASH_KEY)
+    if stored is None:
+        return None
+    actual = content_hash(tensors)
+    if actual != stored:
+        raise ValueError(f"{path}: the tensors do not match the file's content hash ({HASH_KEY} {stored[:16]}…, "
+                         f"computed {actual[:16]}…): the file is corrupt (a changed byte); download or copy it again.")
+    return True
 
 
 def _json_metadata(path: Path, header: dict, key: str) -> dict | None:

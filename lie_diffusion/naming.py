@@ -108,9 +108,6 @@ def kohya_name(component: str, module: str, unet_config, sgm_unet: bool = False)
     return f"{prefix}_" + module.replace(".", "_")
 
 
-# ----------------------------------------------------------------------------------------------- models
-
-
 # ----------------------------------------------------------------------------------- diffusion transformers
 # diffusers module -> (checkpoint module, part). `{}` is a block index. A part is the module's place in a fused
 # weight: 0-2 q, k, v of a fused qkv (each `hidden` rows), 3 the MLP after them in Flux's single-block `linear1`
@@ -261,3 +258,121 @@ def dit_host_name(component: str, module: str, transformer_config) -> str:
     if not _TEXT_MODULE_RE.fullmatch(module):
         raise ValueError(f"{component}.{module}: the hosts name a text encoder's attention projections and MLP only.")
     return f"{component}.{module}"
+
+
+# ------------------------------------------------------------------------------ kohya names -> modules
+# The reverse of `kohya_name`, for files written in kohya names (lie_diffusion.kohya in sd-scripts) that `io` reads
+# and the network module places. A key stem is the dotted path with "." replaced by "_"; the identifiers below keep
+# their own "_" when the dots come back.
+_UNDERSCORED = frozenset(
+    part
+    for name in (*_RESNET_TO_SGM, *_RESNET_TO_SGM.values(), *_TOP_LEVEL_TO_SGM, *_TOP_LEVEL_TO_SGM.values())
+    for part in name.split(".") if "_" in part
+) | {"down_blocks", "up_blocks", "mid_block", "input_blocks", "middle_block", "output_blocks", "transformer_blocks",
+     "to_q", "to_k", "to_v", "to_out", "proj_in", "proj_out", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
+     "out_proj"}
+_LONGEST = max(part.count("_") + 1 for part in _UNDERSCORED)
+_SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
+
+
+def _dotted(flat: str) -> str:
+    """`down_blocks_0_resnets_0_conv_shortcut` -> `down_blocks.0.resnets.0.conv_shortcut` (longest known match)."""
+    words, parts, i = flat.split("_"), [], 0
+    while i < len(words):
+        for n in range(min(_LONGEST, len(words) - i), 0, -1):
+            joined = "_".join(words[i:i + n])
+            if n == 1 or joined in _UNDERSCORED:
+                parts.append(joined)
+                i += n
+                break
+    return ".".join(parts)
+
+
+def sgm_name_to_unet(name: str, unet_config) -> str:
+    """The diffusers name of an SGM/LDM UNet module (the inverse of `unet_name_to_sgm`)."""
+    per_block = unet_config["layers_per_block"]
+    if not isinstance(per_block, int):
+        raise ValueError(f"SGM names need one layers_per_block for every block; this UNet has {per_block}.")
+    for diffusers_name, sgm in _TOP_LEVEL_TO_SGM.items():
+        if name == sgm or name.startswith(sgm + "."):
+            return diffusers_name + name[len(sgm):]
+    parts = name.split(".")
+    try:
+        if parts[0] == "input_blocks" and len(parts) > 3 and int(parts[1]) > 0:
+            block, index = divmod(int(parts[1]) - 1, per_block + 1)
+            if block < len(unet_config["down_block_types"]) and index == per_block and parts[2:4] == ["0", "op"]:
+                return f"down_blocks.{block}.downsamplers.0.conv" + _tail(parts[4:])
+            if block < len(unet_config["down_block_types"]) and index < per_block:
+                return f"down_blocks.{block}." + _outer(int(parts[2]), index, parts[3:], name)
+        if parts[0] == "middle_block" and len(parts) > 2 and parts[1] in ("0", "1", "2"):
+            position = int(parts[1])
+            if position == 1:
+                return "mid_block.attentions.0" + _tail(parts[2:])
+            return f"mid_block.resnets.{position // 2}." + _resnet_part(parts[2:], name)
+        if parts[0] == "output_blocks" and len(parts) > 3 and int(parts[1]) < len(unet_config["up_block_types"]) * (
+                per_block + 1):
+            block, index = divmod(int(parts[1]), per_block + 1)
+            with_attention = unet_config["up_block_types"][block].startswith("CrossAttn")
+            if index == per_block and parts[2] == str(2 if with_attention else 1) and parts[3] == "conv":
+                return f"up_blocks.{block}.upsamplers.0.conv" + _tail(parts[4:])
+            return f"up_blocks.{block}." + _outer(int(parts[2]), index, parts[3:], name)
+    except (ValueError, IndexError):
+        pass
+    raise ValueError(f"UNet module {name!r} has no diffusers name (not part of the SD/SDXL UNet layout).")
+
+
+def _outer(position: int, index: int, rest: list[str], name: str) -> str:
+    """Position 0 of an SGM block is its resnet, position 1 its transformer."""
+    if position == 0:
+        return f"resnets.{index}." + _resnet_part(rest, name)
+    if position == 1:
+        return f"attentions.{index}" + _tail(rest)
+    raise ValueError(f"UNet module {name!r}: unknown SGM block part {position}.")
+
+
+def _resnet_part(rest: list[str], name: str) -> str:
+    sub = ".".join(rest)
+    for diffusers_sub, sgm_sub in _RESNET_TO_SGM.items():
+        if sub == sgm_sub or sub.startswith(sgm_sub + "."):
+            return diffusers_sub + sub[len(sgm_sub):]
+    raise ValueError(f"UNet module {name!r}: unknown resnet part {sub!r}.")
+
+
+def module_of_kohya_name(stem: str, unet_config) -> tuple[str, str]:
+    """(component, diffusers module name) of a kohya key stem: the inverse of `kohya_name`, for SD 1.x/2.x (diffusers
+    or SGM UNet names) and SDXL. Raises, naming the stem, for a name `kohya_name` would not give."""
+    family = "sdxl" if is_sdxl(unet_config) else "sd"
+    prefixes = {"unet": "lora_unet"} | {component: prefix for component, prefix in _KOHYA_PREFIX[family].items()}
+    for component, prefix in prefixes.items():
+        if stem.startswith(prefix + "_"):
+            path = _dotted(stem[len(prefix) + 1:])
+            sgm = component == "unet" and path.split(".")[0] in _SGM_ROOTS
+            try:
+                module = sgm_name_to_unet(path, unet_config) if sgm else path
+                if component == "unet" and not sgm:  # a diffusers name: it must have a place in the layout too
+                    sgm_name_to_unet(unet_name_to_sgm(module, unet_config), unet_config)
+                if kohya_name(component, module, unet_config, sgm_unet=sgm) == stem:
+                    return component, module
+            except (ValueError, KeyError, IndexError):
+                pass
+            break
+    family_name = "SDXL" if family == "sdxl" else "SD 1.x/2.x"
+    raise ValueError(f"{stem}: not a kohya name of an {family_name} UNet or text encoder module this file format "
+                     "covers.")
+
+
+# The factor keys of a file in kohya names: LoRA modules as kohya writes them (every kohya/LyCORIS loader reads
+# them), Lie modules under names no such loader takes for LoRA; every module has its `<stem>.alpha`.
+KOHYA_SECTIONS = {"lora": ("lora_down", "lora_up"), "lie": ("lie_down", "lie_up")}
+_KOHYA_KEY_RE = re.compile(r"(?P<stem>lora_(?:unet|te[12]?)_[A-Za-z0-9_]+)\.(?:(?P<kind>lora|lie)_(?P<factor>down|up)"
+                           r"\.weight|alpha)")
+
+
+def parse_kohya_key(key: str) -> tuple[str, str | None, str] | None:
+    """(stem, section, "A" | "B" | "alpha") of a key in a kohya-named file (section None for `.alpha`), else None."""
+    match = _KOHYA_KEY_RE.fullmatch(key)
+    if match is None:
+        return None
+    if match["kind"] is None:
+        return match["stem"], None, "alpha"
+    return match["stem"], match["kind"], "A" if match["factor"] == "down" else "B"

@@ -130,4 +130,4 @@ def test_errors_are_one_line_on_stderr_and_nothing_is_written(adapter, tiny_pipe
     ]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "NaN/inf" in err and "bad.safetensors" in err and "Traceback" not in err and not output.exists()
+    assert "content hash" in err and "bad.safetensors" in err and "Traceback" not in err and not output.exists()

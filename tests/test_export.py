@@ -391,7 +391,8 @@ def test_bad_input_gives_one_line_and_no_file(adapted, tiny_sd2_pipeline_dir, ca
            "another base model", "use_linear_projection")
     kohya = adapted.root / "kohya-input.safetensors"
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(kohya))
-    _fails(capsys, ["export", str(kohya), "--base", str(adapted.base), "--output", str(out)], "unexpected keys")
+    _fails(capsys, ["export", str(kohya), "--base", str(adapted.base), "--output", str(out)],
+           "a kohya LoRA/LyCORIS file, not a lie-diffusion one")
     _fails(capsys, [*argv, "--format", "lycoris-loha"], "unknown format 'lycoris-loha'", "kohya")
     _fails(capsys, [*argv, "--conv", "lowrank", "--rank", "100000"], "--rank 100000 is larger than", "at most")
     _fails(capsys, [*argv, "--conv", "exact", "--rank", "2"], "--rank applies to --conv lowrank")
