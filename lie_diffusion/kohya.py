@@ -487,7 +487,7 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     if "dropout" not in kwargs and neuron_dropout is not None:
         kwargs["dropout"] = neuron_dropout
     args = parse_network_args(kwargs)
-    config = lie_config(network_dim, network_alpha, args)
+    config = lie_config(network_dim, network_alpha, args).resolved(unet)
     layout = unet_layout(unet)
     conv_re = _suffix_regex(config.conv_targets)
     attn_re = _suffix_regex(config.attn_targets if config.attn_adapter != "none" else ())
