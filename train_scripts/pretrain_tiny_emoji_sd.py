@@ -32,7 +32,7 @@ logger = logging.getLogger("pretrain_tiny_emoji_sd")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    pretraining.add_pretraining_arguments(parser, train_steps=11000, learning_rate=1.5e-3)
+    pretraining.add_pretraining_arguments(parser)
     parser.add_argument("--vae_steps", type=int, default=500)
     parser.add_argument("--vae_batch_size", type=int, default=32)
     parser.add_argument("--vae_learning_rate", type=float, default=2e-3)

@@ -23,16 +23,16 @@ logger = logging.getLogger("lie_diffusion.emoji.pretraining")
 _log_file_handler = None  # --log_file's handler, replaced by the next run in the same process
 
 
-def add_pretraining_arguments(parser: argparse.ArgumentParser, train_steps: int, learning_rate: float) -> None:
-    """The flags every emoji pretraining script has, with the script's own step count and learning rate."""
+def add_pretraining_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every emoji pretraining script has; the same defaults, so the models see the same pictures."""
     parser.add_argument("--output_dir", type=Path, required=True, help="Where the pipeline folder is written.")
     parser.add_argument("--data_file", type=Path, default=None, help="Emoji renders (default: the shipped file).")
     parser.add_argument("--num_classes", type=int, default=32,
                         help="Pretrain on this many emoji (a seeded choice among the non-held-out ones); 0 = all.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_steps", type=int, default=train_steps)
+    parser.add_argument("--train_steps", type=int, default=11000)
     parser.add_argument("--train_batch_size", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=learning_rate)
+    parser.add_argument("--learning_rate", type=float, default=1.5e-3)
     parser.add_argument("--warmup_steps", type=int, default=100)
     parser.add_argument("--ema_decay", type=float, default=0.998)
     parser.add_argument("--uncond_prob", type=float, default=0.1, help="Empty captions, for guidance.")
