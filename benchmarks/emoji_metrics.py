@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import benchlib as B  # noqa: E402
 from lie_diffusion.emoji.classifier import load_classifier  # noqa: E402
-from lie_diffusion.emoji.data import PALETTE, background_color, caption, load_renders  # noqa: E402
+from lie_diffusion.emoji.data import PALETTE, background_color, caption  # noqa: E402
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
 from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, KINDS, NUM_INFERENCE_STEPS,  # noqa: E402
                                           pretrained_emoji_path, pretrained_emoji_pipeline, sampling_kwargs,

@@ -206,8 +206,10 @@ def test_flux_pretraining_short_run_is_reproducible(flux_runs):
 def test_flux_pretraining_saves_a_flux_pipeline_that_generates(flux_runs):
     from diffusers import AutoencoderKL, FluxPipeline
 
+    from lie_diffusion import LieConfig
     from lie_diffusion.emoji.pipeline import (pretrained_emoji_path, pretrained_emoji_pipeline, sampling_kwargs,
                                               trained_classes)
+    from lie_diffusion.inject import find_targets
 
     path = flux_runs / "a"
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -221,6 +223,10 @@ def test_flux_pretraining_saves_a_flux_pipeline_that_generates(flux_runs):
     shipped = AutoencoderKL.from_pretrained(str(pretrained_emoji_path("sd") / "vae")).state_dict()
     assert all(torch.equal(shipped[k], v) for k, v in pipeline.vae.state_dict().items())
     assert pipeline.vae.config.shift_factor is not None and pipeline.vae.config.scaling_factor > 0
+    for preset in ("flux", "flux-all-linear", "flux-all"):  # every Flux preset finds both kinds of block
+        _, linears = find_targets(transformer, LieConfig(preset=preset))
+        assert any(n.startswith("transformer_blocks.1.") for n in linears), preset
+        assert any(n.startswith("single_transformer_blocks.1.") for n in linears), preset
     classes = trained_classes(path)
     assert len(classes) == 4 and set(classes).isdisjoint(HELD_OUT)
     loaded = pretrained_emoji_pipeline(path)

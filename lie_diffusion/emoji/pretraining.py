@@ -154,7 +154,8 @@ def train(accelerator, params, step_loss, args, save):
                         f"{elapsed:7.1f}s  ({elapsed / (step + 1):.3f} s/step)")
             running = []
         if args.max_minutes and time.time() - args.started > 60 * args.max_minutes and step + 1 < args.train_steps:
-            logger.info(f"--max_minutes {args.max_minutes} reached: stopping after {step + 1} of {args.train_steps} steps")
+            logger.info(f"--max_minutes {args.max_minutes} reached: stopping after {step + 1} of {args.train_steps} "
+                        "steps")
             save(ema, f"step {step + 1} of {args.train_steps} (stopped by --max_minutes)")
             return
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.train_steps:
