@@ -287,3 +287,15 @@ def test_metrics_script_measures_a_flux_folder(flux_runs, tmp_path):
     assert results["pipeline_class"] == "FluxPipeline" and results["prompts"] == 2
     assert results["sampler"] == "FlowMatchEulerDiscreteScheduler" and 0 <= results["background_accuracy"] <= 1
     assert (tmp_path / "emoji_samples_flux.png").is_file()
+
+
+def test_flux_pretraining_refuses_a_vae_whose_latents_do_not_pack(tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(latent_channels=8, block_out_channels=(8, 8), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(str(tmp_path / "vae"))
+    script = load_script("pretrain_tiny_emoji_flux")
+    with pytest.raises(ValueError, match=r"--vae .*vae: 8 latent channels.*2x2 patches of 4"):
+        script.main(["--output_dir", str(tmp_path / "out"), "--vae", str(tmp_path / "vae"), *FLUX_RUN])
+    assert not (tmp_path / "out").exists()

@@ -58,11 +58,11 @@ def load_vae(args, accelerator, renders, classes, rng):
     """The frozen VAE with `shift_factor`/`scaling_factor` set to its latents' mean and 1/std on the emoji data."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(str(args.vae or pretrained_emoji_path("sd") / "vae"))
-    vae = vae.to(accelerator.device).eval().requires_grad_(False)
+    path = args.vae or pretrained_emoji_path("sd") / "vae"
+    vae = AutoencoderKL.from_pretrained(str(path)).to(accelerator.device).eval().requires_grad_(False)
     if vae.config.latent_channels * 4 != TRANSFORMER_CONFIG["in_channels"]:
-        raise ValueError(f"{args.vae}: {vae.config.latent_channels} latent channels; the tiny Flux transformer "
-                         "packs 2x2 patches of 4.")
+        raise ValueError(f"--vae {path}: {vae.config.latent_channels} latent channels; the tiny Flux transformer "
+                         f"takes 2x2 patches of {TRANSFORMER_CONFIG['in_channels'] // 4}.")
     with torch.no_grad():
         latents = torch.cat([vae.encode(make_batch(renders, classes, 64, rng, args)[0].to(accelerator.device))
                              .latent_dist.sample() for _ in range(4)])
@@ -73,13 +73,15 @@ def load_vae(args, accelerator, renders, classes, rng):
 
 def train_flow(accelerator, parts, tokenizer, renders, classes, rng, args, save):
     """Transformer, CLIP and T5 together on FLUX.1's flow-matching loss."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     vae = parts["vae"]
     transformer, clip, t5 = accelerator.prepare(parts["transformer"], parts["text_encoder"], parts["text_encoder_2"])
     params = [p for model in (transformer, clip, t5) for p in model.parameters()]
     for model in (transformer, clip, t5):
         model.train()
-    latent_size = IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1)
-    noise_scheduler = parts["scheduler"].__class__(shift=training_shift(parts["scheduler"], (latent_size // 2) ** 2))
+    tokens = (IMAGE_SIZE // 2 ** len(vae.config.block_out_channels)) ** 2  # 2x2 patches of the latents
+    noise_scheduler = FlowMatchEulerDiscreteScheduler(shift=training_shift(parts["scheduler"], tokens))
     logger.info(f"training sigmas shifted by {noise_scheduler.config.shift:.3f} (FluxPipeline's at {IMAGE_SIZE} px)")
 
     def step_loss(step):
