@@ -50,6 +50,7 @@ PAGES = {
     "extract": DOCS / "hosts.md",
     "balance": DOCS / "training.md",
     "emoji": DOCS / "emoji-model.md",
+    "emoji-flux": DOCS / "emoji-model.md",
 }
 
 # UNet2DConditionModel configs. "mid" is the issue's CPU size; "sd15" is Stable Diffusion 1.5's

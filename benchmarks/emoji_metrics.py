@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Generation metrics of the pretrained tiny emoji pipeline, judged by the emoji classifier.
 
-    python benchmarks/emoji_metrics.py [--pipeline DIR] [--page docs/emoji-model.md|none]
+    python benchmarks/emoji_metrics.py [--kind sd|flux | --pipeline DIR] [--page docs/emoji-model.md|none]
 
+Measures a StableDiffusionPipeline or a FluxPipeline folder alike (the shipped one of `--kind`, or `--pipeline`).
 For every emoji the pipeline was pretrained on, `--per_class` prompts "a <name> emoji on a <colour>
 background" (colours cycle through the palette), at the default sampler, steps and guidance, fixed seeds. Reports
 the classifier's top-1 over all 1,361 emoji (and top-5, and top-1 among the pretrained emoji only)
 and how often the border's nearest palette colour is the requested one. Writes
-benchmarks/results/emoji_metrics.json, a 16-prompt sample grid, and the section of docs/emoji-model.md.
+benchmarks/results/emoji_metrics[_flux].json, a 16-prompt sample grid, and the bench:emoji[-flux] section of
+docs/emoji-model.md.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import benchlib as B  # noqa: E402
 from lie_diffusion.emoji.classifier import load_classifier  # noqa: E402
-from lie_diffusion.emoji.data import PALETTE, background_color, caption, load_renders  # noqa: E402
+from lie_diffusion.emoji.data import PALETTE, background_color, caption  # noqa: E402
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
-from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, NUM_INFERENCE_STEPS, pretrained_emoji_path,  # noqa: E402
-                                          pretrained_emoji_pipeline, trained_classes)
+from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, KINDS, NUM_INFERENCE_STEPS,  # noqa: E402
+                                          pretrained_emoji_path, pretrained_emoji_pipeline, sampling_kwargs,
+                                          trained_classes)
 
 
 def generate(pipeline, prompts: list[str], seed: int, batch_size: int, steps: int, guidance: float) -> np.ndarray:
@@ -39,8 +42,8 @@ def generate(pipeline, prompts: list[str], seed: int, batch_size: int, steps: in
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
-        images = pipeline(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                          output_type="np").images
+        images = pipeline(chunk, num_inference_steps=steps, generator=generators, output_type="np",
+                          **sampling_kwargs(pipeline, guidance, len(chunk))).images
         out.append((images * 255).round().clip(0, 255).astype(np.uint8))
     return np.concatenate(out)
 
@@ -66,7 +69,8 @@ def evaluate(pipeline_dir: Path, seed: int = 0, limit: int = 0, per_class: int =
     results = {
         "pipeline": str(pipeline_dir.relative_to(ROOT) if pipeline_dir.is_relative_to(ROOT) else pipeline_dir),
         "prompts": len(prompts), "pretrained_classes": len(trained), "classifier_classes": len(classifier.names),
-        "steps": steps, "guidance_scale": guidance, "sampler": type(pipeline.scheduler).__name__, "seed": seed,
+        "pipeline_class": type(pipeline).__name__, "steps": steps, "guidance_scale": guidance,
+        "sampler": type(pipeline.scheduler).__name__, "seed": seed,
         "top1": float((logits.argmax(-1) == label).float().mean()),
         "top5": float((top5 == label[:, None]).any(-1).float().mean()),
         "top1_among_pretrained": float((among_trained == label).float().mean()),
@@ -81,7 +85,8 @@ def evaluate(pipeline_dir: Path, seed: int = 0, limit: int = 0, per_class: int =
 
 def markdown(results: dict, grid_path: str) -> str:
     r = results
-    return f"""Measured by `python benchmarks/emoji_metrics.py` on `{r['pipeline']}`: {r['prompts']} prompts
+    flag = " --kind flux" if r["pipeline_class"] == "FluxPipeline" else ""
+    return f"""Measured by `python benchmarks/emoji_metrics.py{flag}` on `{r['pipeline']}`: {r['prompts']} prompts
 "a <name> emoji on a <colour> background", {r['prompts'] // r['pretrained_classes']} per pretrained emoji, colours
 cycling through the 8-colour palette; {r['sampler']}, {r['steps']} steps, guidance {r['guidance_scale']}, seeds
 {r['seed']}+i.
@@ -102,7 +107,10 @@ Each cell: the prompt's emoji / colour, then what the classifier saw ([ok] when 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", type=Path, default=None, help="Pipeline folder (default: the shipped one).")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="sd",
+                        help="Which shipped pipeline to measure when --pipeline is not given.")
+    parser.add_argument("--pipeline", type=Path, default=None,
+                        help="Pipeline folder, StableDiffusionPipeline or FluxPipeline (default: the shipped one).")
     parser.add_argument("--limit", type=int, default=0, help="Only the first N pretrained emoji (smoke runs).")
     parser.add_argument("--per_class", type=int, default=2, help="Prompts (colours, seeds) per pretrained emoji.")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,20 +121,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipeline_dir = (args.pipeline or pretrained_emoji_path()).resolve()
+    try:
+        pipeline_dir = (args.pipeline or pretrained_emoji_path(args.kind)).resolve()
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
     results, images, rows = evaluate(pipeline_dir, args.seed, args.limit, args.per_class, steps=args.steps,
                                      guidance=args.guidance_scale)
+    suffix = "_flux" if results["pipeline_class"] == "FluxPipeline" else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "emoji_metrics.json").write_text(json.dumps({"results": results, "samples": rows}, indent=1))
+    (args.out / f"emoji_metrics{suffix}.json").write_text(json.dumps({"results": results, "samples": rows},
+                                                                     indent=1))
     pick = np.linspace(0, len(images) - 1, 16).round().astype(int)
     labels = [f"{rows[i]['name']} / {rows[i]['color']} -> {rows[i]['predicted']}"
               f"{' [ok]' if rows[i]['predicted'] == rows[i]['name'] else ''}" for i in pick]
-    grid = save_grid(args.out / "emoji_samples.png", [images[i] for i in pick], labels, columns=8, scale=4,
+    grid = save_grid(args.out / f"emoji_samples{suffix}.png", [images[i] for i in pick], labels, columns=8, scale=4,
                      label_lines=4)
     print(json.dumps(results, indent=1))
     print(f"grid: {grid}")
     if args.page != "none":
-        B.update_page("emoji", markdown(results, B.link(grid, args.page)), Path(args.page))
+        section = "emoji" + suffix.replace("_", "-")
+        B.update_page(section, markdown(results, B.link(grid, args.page)), Path(args.page))
 
 
 if __name__ == "__main__":

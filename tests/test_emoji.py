@@ -172,3 +172,130 @@ def test_metrics_script_smoke(tmp_path):
     assert results["prompts"] == 4 and 0 <= results["top1"] <= results["top5"] <= 1
     assert 0 <= results["background_accuracy"] <= 1 and (tmp_path / "emoji_samples.png").is_file()
     assert re.search(r'"top1": [0-9.]+', result.stdout)
+
+
+FLUX_RUN = ["--num_classes", "4", "--train_steps", "3", "--train_batch_size", "2", "--save_every", "2",
+            "--log_every", "1", "--seed", "5", "--warmup_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def flux_runs(tmp_path_factory):
+    """Two short Flux pretraining runs with the same seed."""
+    root = tmp_path_factory.mktemp("flux")
+    script = load_script("pretrain_tiny_emoji_flux")
+    for name in ("a", "b"):
+        script.main(["--output_dir", str(root / name), "--log_file", str(root / f"{name}.log"), *FLUX_RUN])
+    return root
+
+
+def test_flux_pretraining_short_run_is_reproducible(flux_runs):
+    from safetensors.torch import load_file
+
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(flux_runs / "a" / part), load_file(flux_runs / "b" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    record = json.loads((flux_runs / "a" / "pretrain_args.json").read_text())
+    assert record["train_steps"] == 3 and record["saved_at"] == "step 3 (final)"
+    assert record["weighting_scheme"] == "logit_normal"
+    log = (flux_runs / "a.log").read_text()
+    assert "saved EMA pipeline at step 2" in log and "step 3 (final)" in log
+    assert not list(flux_runs.glob("*.saving")) and not list(flux_runs.glob("*.old"))
+
+
+def test_flux_pretraining_saves_a_flux_pipeline_that_generates(flux_runs):
+    from diffusers import AutoencoderKL, FluxPipeline
+
+    from lie_diffusion import LieConfig
+    from lie_diffusion.emoji.pipeline import (pretrained_emoji_path, pretrained_emoji_pipeline, sampling_kwargs,
+                                              trained_classes)
+    from lie_diffusion.inject import find_targets
+
+    path = flux_runs / "a"
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 30e6, size
+    assert not list(path.rglob("*.bin")) and not list(path.rglob("*.pt")), "safetensors only"
+    pipeline = FluxPipeline.from_pretrained(str(path))
+    transformer = pipeline.transformer
+    assert len(transformer.transformer_blocks) == 2 and len(transformer.single_transformer_blocks) == 2
+    assert transformer.config.in_channels == 4 * pipeline.vae.config.latent_channels  # 2x2 packing
+    # the shipped SD emoji VAE, unchanged, with Flux's latent normalisation measured on the emoji data
+    shipped = AutoencoderKL.from_pretrained(str(pretrained_emoji_path("sd") / "vae")).state_dict()
+    assert all(torch.equal(shipped[k], v) for k, v in pipeline.vae.state_dict().items())
+    assert pipeline.vae.config.shift_factor is not None and pipeline.vae.config.scaling_factor > 0
+    for preset in ("flux", "flux-all-linear", "flux-all"):  # every Flux preset finds both kinds of block
+        _, linears = find_targets(transformer, LieConfig(preset=preset))
+        assert any(n.startswith("transformer_blocks.1.") for n in linears), preset
+        assert any(n.startswith("single_transformer_blocks.1.") for n in linears), preset
+    classes = trained_classes(path)
+    assert len(classes) == 4 and set(classes).isdisjoint(HELD_OUT)
+    loaded = pretrained_emoji_pipeline(path)
+    assert isinstance(loaded, FluxPipeline)
+    prompts = ["a sks emoji", caption(classes[0], "red")]
+    images = loaded(prompts, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+                    **sampling_kwargs(loaded, 4.0, len(prompts))).images
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_flux_training_sigmas_follow_the_pipeline_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from lie_diffusion.emoji.flux import SCHEDULER_CONFIG, training_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    # FLUX.1's mu, interpolated linearly in the token count from (256, 0.5) to (4096, 1.15), here 64 tokens
+    mu = 0.5 + (64 - 256) * (1.15 - 0.5) / (4096 - 256)
+    assert training_shift(scheduler, 64) == pytest.approx(np.exp(mu))
+
+
+def test_missing_pretrained_pipeline_says_how_to_make_it(tmp_path, monkeypatch):
+    from lie_diffusion.emoji import pipeline as emoji_pipeline
+
+    monkeypatch.setattr(emoji_pipeline, "PRETRAINED_ROOT", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"train_scripts/pretrain_tiny_emoji_flux\.py --output_dir "
+                                                r"lie_diffusion/emoji/pretrained/tiny-emoji-flux"):
+        emoji_pipeline.pretrained_emoji_pipeline(kind="flux")
+    with pytest.raises(FileNotFoundError, match="pretrain_tiny_emoji_sd.py"):
+        emoji_pipeline.trained_classes()
+    with pytest.raises(ValueError, match="choose from"):
+        emoji_pipeline.pretrained_emoji_path("unet")
+
+
+def test_failed_pipeline_save_leaves_the_previous_folder(tmp_path):
+    from lie_diffusion.emoji.pipeline import write_pipeline_folder
+
+    class Broken:
+        def save_pretrained(self, directory):
+            (Path(directory) / "half.json").write_text("{")
+            raise OSError("disk full")
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        write_pipeline_folder(folder, Broken(), ["cat face"])
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert [p.name for p in folder.iterdir()] == ["model_index.json"]
+
+
+def test_metrics_script_measures_a_flux_folder(flux_runs, tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "emoji_metrics.py"), "--pipeline", str(flux_runs / "a"),
+               "--limit", "2", "--per_class", "1", "--steps", "2", "--out", str(tmp_path), "--page", "none"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "emoji_metrics_flux.json").read_text())["results"]
+    assert results["pipeline_class"] == "FluxPipeline" and results["prompts"] == 2
+    assert results["sampler"] == "FlowMatchEulerDiscreteScheduler" and 0 <= results["background_accuracy"] <= 1
+    assert (tmp_path / "emoji_samples_flux.png").is_file()
+
+
+def test_flux_pretraining_refuses_a_vae_whose_latents_do_not_pack(tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(latent_channels=8, block_out_channels=(8, 8), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(str(tmp_path / "vae"))
+    script = load_script("pretrain_tiny_emoji_flux")
+    with pytest.raises(ValueError, match=r"--vae .*vae: 8 latent channels.*2x2 patches of 4"):
+        script.main(["--output_dir", str(tmp_path / "out"), "--vae", str(tmp_path / "vae"), *FLUX_RUN])
+    assert not (tmp_path / "out").exists()
