@@ -146,6 +146,6 @@ def kohya_file(setup, tmp_path_factory):
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
-def test_a_file_trained_in_sd_scripts_matches_merge(forge, setup, kohya_file, strength):
+def test_a_file_written_by_the_kohya_network_matches_merge(forge, setup, kohya_file, strength):
     model, clip = forge.extension.load_lie_for_models(setup.model, setup.clip, kohya_file.path, strength, strength)
     assert_same(applied(setup, model, clip), diffusers_weights(kohya_file, strength))
