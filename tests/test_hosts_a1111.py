@@ -26,7 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_export import _adapted
-from test_hosts_comfyui import assert_same, diffusers_weights, merged_with_lora, second_subject, together_weights
+from test_hosts_comfyui import (assert_same, diffusers_weights, kohya_written, merged_with_lora, second_subject,
+                                together_weights)
 from test_io import _rewrite
 
 from lie_diffusion.naming import unet_name_to_sgm
@@ -249,6 +250,22 @@ def test_two_stacked_files_equal_both_adapters_active_in_diffusers(a1111, setup,
     names = [register(a1111, path, f"stack{k}-{setup.kind}") for k, path in enumerate(paths)]
     got = applied(a1111, setup, " ".join(f"<lora:{n}:{s}>" for n, s in zip(names, strengths)))
     assert_same(got, together_weights(setup.adapted, paths, strengths))
+
+
+@pytest.fixture(scope="module")
+def kohya_file(setup, tmp_path_factory):
+    return kohya_written(setup.adapted, tmp_path_factory.mktemp(f"kohya-{setup.kind}") / "kohya.safetensors")
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.5, -1.0])
+def test_a_file_written_by_the_kohya_network_matches_merge(a1111, setup, kohya_file, multiplier):
+    """Train in sd-scripts, `<lora:name:m>` in A1111: the file's LoRA section through A1111's own LoRA type."""
+    name = register(a1111, kohya_file.path, f"kohya-{setup.kind}")
+    expected = diffusers_weights(kohya_file, multiplier)
+    assert any(not torch.equal(expected[k], setup.base[k]) for k in expected if k[0] == "unet")
+    assert_same(applied(a1111, setup, f"a photo <lora:{name}:{multiplier}>"), expected)
+    kinds = {type(module).__name__ for module in a1111.networks.networks_in_memory[name].modules.values()}
+    assert kinds == {"NetworkModuleLie", "NetworkModuleLora"}
 
 
 def test_bad_files_are_refused_naming_them_and_patch_nothing(a1111, setup, tmp_path_factory):

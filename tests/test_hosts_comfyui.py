@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from test_export import _adapted
 from test_io import _rewrite
@@ -206,6 +207,31 @@ def second_subject(adapted, target):
     return _rewrite(adapted.path, target, edit_tensors=perturb)
 
 
+def kohya_written(adapted, path):
+    """An adapter as `--network_module lie_diffusion.kohya` saves it in sd-scripts (kohya names, `ss_*` metadata,
+    random factors up to |sΔ| ≈ 0.4), on `adapted`'s base; the pipeline's models stand in for kohya's, the SDXL
+    UNet under its SGM names (tests/test_kohya.py)."""
+    from test_kohya import sgm_stand_in
+
+    from lie_diffusion.kohya import create_network
+
+    pipe = adapted.cls.from_pretrained(str(adapted.base))
+    encoders = [c for c in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if c is not None]
+    unet = sgm_stand_in(pipe.unet) if len(encoders) == 2 else pipe.unet
+    network = create_network(1.0, 4, 2, None, encoders if len(encoders) == 2 else encoders[0], unet, conv_dim="3")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.03)
+    network.save_weights(str(path), None, {"ss_network_module": "lie_diffusion.kohya"})
+    with safe_open(str(path), "pt") as file:
+        keys, metadata = set(file.keys()), file.metadata()
+    assert metadata["ss_network_module"] == "lie_diffusion.kohya"
+    assert all(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+    assert any(k.endswith(".lie_down.weight") for k in keys) and any(k.endswith(".lora_down.weight") for k in keys)
+    return SimpleNamespace(cls=adapted.cls, base=adapted.base, path=Path(path))
+
+
 def merged_with_lora(adapted, strength, lora_updates, order):
     """merge_lie_weights at `strength`, with a plain LoRA's updates added before ("lora first") or after it."""
     if order == "lora first":
@@ -332,6 +358,22 @@ def test_bad_files_raise_naming_the_file_and_patch_nothing(comfy, setup):
             loader.load(setup.model, setup.clip, name, 1.0, 1.0)
         assert name in str(error.value)
         assert not setup.model.patches and not setup.clip.patcher.patches
+
+
+@pytest.fixture(scope="module")
+def kohya_file(comfy, setup):
+    return kohya_written(setup.adapted, comfy.loras / f"kohya-{setup.kind}.safetensors")
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_a_file_written_by_the_kohya_network_matches_merge(comfy, setup, kohya_file, strength):
+    """Train in sd-scripts, load in ComfyUI: the node on a file `lie_diffusion.kohya` saved."""
+    model, clip = node(comfy, "LieAdapterLoader").load(setup.model, setup.clip, kohya_file.path.name, strength,
+                                                       strength)
+    expected = diffusers_weights(kohya_file, strength)
+    changed = [k for k in expected if not torch.equal(expected[k], setup.base[k])]
+    assert any(c == "unet" for c, _ in changed) and any(c != "unet" for c, _ in changed)
+    assert_same(patched_weights(setup, model, clip), expected)
 
 
 def test_a_file_trained_by_the_dreambooth_script(comfy, tmp_path):

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_export import _adapted
-from test_hosts_comfyui import (assert_same, diffusers_weights, host_weights, ldm_unet_config, merged_with_lora,
-                                second_subject, together_weights)
+from test_hosts_comfyui import (assert_same, diffusers_weights, host_weights, kohya_written, ldm_unet_config,
+                                merged_with_lora, second_subject, together_weights)
 
 FORGE = os.environ.get("LIE_FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE, reason="set LIE_FORGE_DIR to a Forge checkout to run these")
@@ -141,27 +141,11 @@ def test_bad_file_raises_naming_it_and_patches_nothing(forge, setup, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def kohya_written(setup, tmp_path_factory):
-    """An adapter as `--network_module lie_diffusion.kohya` saves it in sd-scripts (kohya names, random factors), on
-    the same base; the tiny pipeline's models stand in for kohya's (tests/test_kohya.py)."""
-    from test_kohya import sgm_stand_in
-
-    from lie_diffusion.kohya import create_network
-
-    pipe = setup.adapted.cls.from_pretrained(str(setup.adapted.base))
-    encoders = [c for c in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if c is not None]
-    unet = sgm_stand_in(pipe.unet) if len(encoders) == 2 else pipe.unet
-    network = create_network(1.0, 4, 2, None, encoders if len(encoders) == 2 else encoders[0], unet, conv_dim="3")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in network.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.03)  # |sΔ| up to 0.4
-    path = tmp_path_factory.mktemp("kohya-written") / "kohya.safetensors"
-    network.save_weights(str(path), None, {"ss_network_module": "lie_diffusion.kohya"})
-    return SimpleNamespace(cls=setup.adapted.cls, base=setup.adapted.base, path=path)
+def kohya_file(setup, tmp_path_factory):
+    return kohya_written(setup.adapted, tmp_path_factory.mktemp("kohya-written") / "kohya.safetensors")
 
 
-@pytest.mark.parametrize("strength", [1.0, -1.0])
-def test_a_file_trained_in_sd_scripts_matches_merge(forge, setup, kohya_written, strength):
-    model, clip = forge.extension.load_lie_for_models(setup.model, setup.clip, kohya_written.path, strength, strength)
-    assert_same(applied(setup, model, clip), diffusers_weights(kohya_written, strength))
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_a_file_written_by_the_kohya_network_matches_merge(forge, setup, kohya_file, strength):
+    model, clip = forge.extension.load_lie_for_models(setup.model, setup.clip, kohya_file.path, strength, strength)
+    assert_same(applied(setup, model, clip), diffusers_weights(kohya_file, strength))
