@@ -15,8 +15,11 @@ parameters) then minimises the weight-space error itself for up to `steps` itera
 iterate is kept, so the result is never worse than the SVD start. When the tuned model really is
 W_base ⊙ exp(BA) at rank r, the SVD start is already exact and stays so.
 
-Attention projections get additive LoRA from the truncated SVD of W_tuned − W_base, the optimum for
-a plain difference; a LoCon extracted the same way from the conv layers (what kohya/LyCORIS do) is
+On a Flux/SD3 transformer the Linear targets of its default preset (diffusers' DreamBooth targets) are
+Lie targets too, fitted the same way: a Linear weight is the 2-D case of the group.
+
+Attention projections of UNets and text encoders get additive LoRA from the truncated SVD of
+W_tuned − W_base, the optimum for a plain difference; a LoCon extracted the same way from the conv layers (what kohya/LyCORIS do) is
 the reference the Lie fit is compared against, at an equal parameter count (same rank, same shapes).
 """
 
@@ -32,7 +35,7 @@ from torch import nn
 from .export import load_models, low_rank_factors, text_table, truncation_errors
 from .functional import MODES
 from .inject import CONV_TARGETS, LieConfig, find_targets
-from .io import COMPONENTS, WEIGHT_NAME, ModuleEntry, unet_fingerprint, write_lie_file
+from .io import COMPONENTS, DENOISERS, WEIGHT_NAME, ModuleEntry, model_fingerprint, write_lie_file
 
 DEFAULT_STEPS = 200
 
@@ -155,7 +158,8 @@ def extract_adapter(
     conv_targets=CONV_TARGETS,
     log=lambda message: None,
 ) -> tuple[list[ModuleEntry], list[LayerFit], dict]:
-    """Lie adapters on the conv targets and LoRA on the attention projections of every component that changed.
+    """Lie adapters on the conv targets (and a transformer's Linear targets) and LoRA on the attention
+    projections of every component that changed.
 
     Returns the file entries, one fit report per module, and what the adapter cannot hold: the other
     parameters that changed (norms, biases, embeddings, ...), their count and size.
@@ -172,10 +176,11 @@ def extract_adapter(
     total_sq = 0.0
     for component in (c for c in COMPONENTS if c in base):
         convs, attns = find_targets(base[component], config)
+        lie_linears = config.resolved(base[component]).attn_adapter == "lie"  # a transformer's preset group
         targeted = set()
         tuned_modules = dict(tuned[component].named_modules())
         for name in convs + attns:
-            layer_rank = rank if name in convs else attn_rank
+            layer_rank = rank if name in convs or lie_linears else attn_rank
             _check_rank(f"{component}.{name}", base[component].get_submodule(name).weight, layer_rank)
         for name in convs + attns:
             wb = base[component].get_submodule(name).weight.detach()
@@ -185,7 +190,7 @@ def extract_adapter(
                 continue
             ref = f"{component}.{name}"
             update_norm = (wt.double() - wb.double()).norm().item()
-            if name in convs:
+            if name in convs or lie_linears:
                 A, B, masked, start, error = fit_lie(wb, wt, rank, mode, steps)
                 entry = ModuleEntry(component, name, "lie", A.float(), B.float(), alpha=float(rank), mode=mode)
                 fit = LayerFit(ref, "lie", rank, error / update_norm, error, update_norm,
@@ -271,7 +276,8 @@ def extract_file(base, tuned, output, rank=4, attn_rank=None, mode="exp", steps=
     tuned_models = load_models(tuned, role="tuned")
     entries, fits, other = extract_adapter(base_models, tuned_models, rank, attn_rank, mode, steps, log=log)
     total = totals(fits)
+    denoiser = next(c for c in DENOISERS if c in base_models)
     report = {"total": total, "not_captured": other, "steps": steps,
-              "base_fingerprint": unet_fingerprint(base_models["unet"]), "modules": [asdict(f) for f in fits]}
-    write_lie_file(path, entries, {"unet": report["base_fingerprint"]}, extra={"lie_diffusion_extract": report})
+              "base_fingerprint": model_fingerprint(base_models[denoiser]), "modules": [asdict(f) for f in fits]}
+    write_lie_file(path, entries, {denoiser: report["base_fingerprint"]}, extra={"lie_diffusion_extract": report})
     return path, fits, total, other
