@@ -222,7 +222,9 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     file that holds the same tensors."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
+        # A copy: .numpy() pins its tensor's storage, and a factor may still be a live training parameter (FSDP
+        # frees and regrows an unsharded parameter's storage after saving).
+        tensor = tensors[key].detach().to("cpu").clone(memory_format=torch.contiguous_format)
         digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
