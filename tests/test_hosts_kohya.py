@@ -11,10 +11,13 @@ transformers versions than lie-diffusion, so its code runs in its own environmen
   builds it, every adapted layer against the formula at multipliers 1, 0.5, -1, and the UNet's outputs, which
   this side compares with diffusers' UNet + load_lie_weights on the same weights; and the same layer check on
   sd-scripts' full-size SDXL UNet (10 GB in float32: its files are checked against diffusers' SDXL layout on the
-  meta device instead of a second UNet).
+  meta device instead of a second UNet);
+* sdxl_train_network.py itself, on SDXL's architecture at full size with random weights, the folder written in
+  bfloat16 and loaded and trained in it (--mixed_precision bf16 --full_bf16): 1 step, save, 1 resumed step.
 """
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -27,6 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lie_diffusion import load_lie_weights, read_lie_file
+from lie_diffusion.kohya import KOHYA_FINGERPRINTS
 
 SD_SCRIPTS = os.environ.get("LIE_SD_SCRIPTS_DIR")
 PYTHON = os.environ.get("LIE_SD_SCRIPTS_PYTHON", sys.executable)
@@ -35,6 +39,9 @@ HERE = Path(__file__).parent
 FP32_RTOL = 1e-4  # two implementations of SD (kohya's attention vs diffusers' SDPA) in float32
 LAYER_RTOL = 1e-5  # one layer vs the float64 formula
 TOKENIZERS = ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")  # --tokenizer_cache_dir
+SDXL_UNET = {**{k: tuple(v) if isinstance(v, list) else v for k, v in KOHYA_FINGERPRINTS["sdxl"].items()},
+             "attention_head_dim": (5, 10, 20), "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816, "sample_size": 128}  # SDXL base's UNet config
 
 # sd-scripts imports torchvision for three image transforms; its PyPI wheels do not load beside a CPU-only torch
 # build, so the subprocesses find this stand-in first (pass LIE_SD_SCRIPTS_TORCHVISION=1 to use the real one).
@@ -100,6 +107,36 @@ def sd15_pipeline_folder(directory: Path) -> Path:
     return directory
 
 
+def sdxl_pipeline_folder(directory: Path) -> Path:
+    """SDXL's architecture at full size, random weights, as a diffusers folder in bfloat16, the dtype sd-scripts then
+    loads and trains it in (--full_bf16): half of float32's memory, where the UNet alone is 10 GB."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16 directly: never a float32 copy
+    try:
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=1024,
+            scaling_factor=0.13025, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4)
+        pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                             tokenizer=None, tokenizer_2=None, unet=unet,
+                                             scheduler=EulerDiscreteScheduler())
+        pipeline.save_pretrained(str(directory), max_shard_size="1GB")  # one shard's bytes at a time
+    finally:
+        torch.set_default_dtype(default)
+    return directory
+
+
 def local_tokenizers(directory: Path) -> Path:
     """The byte-level tokenizer of the tiny test models (vocab.json + merges.txt, 77 tokens long), under the names
     sd-scripts looks up in its --tokenizer_cache_dir."""
@@ -142,32 +179,37 @@ def work(tmp_path_factory):
         pixels = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(data / f"{index}.png")
         (data / f"{index}.txt").write_text("a photo of a lie")
-    return {"root": root, "shim": root / "shim", "data": root / "data", "model": sd15_pipeline_folder(root / "sd15"),
+    return {"root": root, "shim": root / "shim", "data": root / "data",
             "tokenizers": local_tokenizers(root / "tokenizers"), "out": root / "out"}
 
 
-def train(work, name, *extra):
+@pytest.fixture(scope="module")
+def sd15(work):
+    return sd15_pipeline_folder(work["root"] / "sd15")
+
+
+def train(work, model, name, *extra, script="train_network.py", flags=("--mixed_precision", "no")):
     return sd_scripts(
-        "train_network.py", "--pretrained_model_name_or_path", str(work["model"]), "--train_data_dir",
+        script, "--pretrained_model_name_or_path", str(model), "--train_data_dir",
         str(work["data"]), "--caption_extension", ".txt", "--resolution", "64,64", "--train_batch_size", "1",
         "--output_dir", str(work["out"]), "--output_name", name, "--save_model_as", "safetensors",
-        "--save_precision", "float", "--tokenizer_cache_dir", str(work["tokenizers"]), "--mixed_precision", "no",
+        "--save_precision", "float", "--tokenizer_cache_dir", str(work["tokenizers"]), *flags,
         "--optimizer_type", "AdamW", "--learning_rate", "1e-3", "--max_data_loader_n_workers", "0", "--seed", "0",
         "--network_module", "lie_diffusion.kohya", *extra, env_root=work["shim"])
 
 
 @pytest.fixture(scope="module")
-def trained(work):
+def trained(work, sd15):
     """train_network.py: 2 steps from scratch, then 1 more from the file (--network_weights --dim_from_weights)."""
-    first = train(work, "lie", "--network_dim", "4", "--network_alpha", "2", "--network_args", "conv_dim=4",
+    first = train(work, sd15, "lie", "--network_dim", "4", "--network_alpha", "2", "--network_args", "conv_dim=4",
                   "mode=exp", "--max_train_steps", "2")
-    resumed = train(work, "lie-resumed", "--network_weights", str(work["out"] / "lie.safetensors"),
+    resumed = train(work, sd15, "lie-resumed", "--network_weights", str(work["out"] / "lie.safetensors"),
                     "--dim_from_weights", "--max_train_steps", "1")
     return {"file": work["out"] / "lie.safetensors", "resumed": work["out"] / "lie-resumed.safetensors",
             "logs": (first, resumed)}
 
 
-def test_train_network_trains_saves_and_resumes(work, trained):
+def test_train_network_trains_saves_and_resumes(sd15, trained):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
@@ -181,7 +223,7 @@ def test_train_network_trains_saves_and_resumes(work, trained):
     assert adapter.kohya_names and adapter.header["ss_network_module"] == "lie_diffusion.kohya"
     assert adapter.header["lie_diffusion_sha256"] and adapter.info["balance"] == "rms"
     with init_empty_weights():  # the training script's default targets in diffusers' SD 1.5 UNet
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(work["model"]), subfolder="unet"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(sd15), subfolder="unet"))
     convs, attns = find_targets(unet, LieConfig())
     assert {m.module for m in adapter.section("lie")} == set(convs) and len(convs) == 64
     assert {m.module for m in adapter.section("lora", "unet")} == set(attns)
@@ -196,10 +238,10 @@ def test_train_network_trains_saves_and_resumes(work, trained):
     assert all(by_ref[m.ref].alpha == m.alpha for m in adapter.modules)
 
 
-def test_kohya_unet_with_the_network_equals_diffusers_with_the_file(work, trained):
+def test_kohya_unet_with_the_network_equals_diffusers_with_the_file(work, sd15, trained):
     from diffusers import UNet2DConditionModel
 
-    sd_scripts(str(HERE / "kohya_sd_scripts.py"), "sd1", str(work["model"]), str(trained["file"]), str(work["root"]),
+    sd_scripts(str(HERE / "kohya_sd_scripts.py"), "sd1", str(sd15), str(trained["file"]), str(work["root"]),
                env_root=work["shim"])
     report = json.loads((work["root"] / "sd1_report.json").read_text())
     assert report["unet_class"] == "library.original_unet.UNet2DConditionModel"
@@ -207,7 +249,7 @@ def test_kohya_unet_with_the_network_equals_diffusers_with_the_file(work, traine
     assert max(report["layer_errors"].values()) < LAYER_RTOL, report["layer_errors"]
     saved = load_file(work["root"] / "sd1_outputs.safetensors")
     for t in (1.0, 0.5, -1.0):
-        unet = UNet2DConditionModel.from_pretrained(str(work["model"]), subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(str(sd15), subfolder="unet")
         load_lie_weights(unet, trained["file"], scale=t)
         with torch.no_grad():
             actual = unet(saved["sample"], saved["timestep"], saved["context"]).sample
@@ -221,21 +263,62 @@ def test_sdxl_network_on_kohyas_sdxl_unet(work):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from lie_diffusion.kohya import KOHYA_FINGERPRINTS
-
     sd_scripts(str(HERE / "kohya_sd_scripts.py"), "sdxl", str(work["root"]), env_root=work["shim"])
     report = json.loads((work["root"] / "sdxl_report.json").read_text())
     assert report["unet_class"] == "library.sdxl_original_unet.SdxlUNet2DConditionModel"
     assert max(report["layer_errors"].values()) < LAYER_RTOL, report["layer_errors"]
     assert report["reloaded_equal"]
     adapter = read_lie_file(work["root"] / "sdxl.safetensors")
-    layout = KOHYA_FINGERPRINTS["sdxl"]
-    config = {**layout, "attention_head_dim": [5, 10, 20], "addition_time_embed_dim": 256,
-              "projection_class_embeddings_input_dim": 2816, "sample_size": 128}
     with init_empty_weights():
-        unet = UNet2DConditionModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+        unet = UNet2DConditionModel(**SDXL_UNET)
     modules = dict(unet.named_modules())
     for entry in adapter.modules:  # every module the file names is a diffusers SDXL layer of the factors' shape
         layer = modules[entry.module]
         assert tuple(layer.weight.shape) == (entry.B.shape[0], *entry.A.shape[1:]), entry.module
     assert len(adapter.modules) == report["modules"]
+
+
+def test_sdxl_train_network_trains_saves_and_resumes(work):
+    """sdxl_train_network.py on full-size SDXL in bfloat16: 1 step, save, 1 step more from the file."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from lie_diffusion import LieConfig
+    from lie_diffusion.inject import find_targets
+
+    model = work["root"] / "sdxl-model"
+    writer = multiprocessing.get_context("spawn").Process(target=sdxl_pipeline_folder, args=(model,))
+    writer.start()  # in its own process, so that its memory is free again before sd-scripts loads the model
+    writer.join()
+    assert writer.exitcode == 0
+    sdxl = dict(script="sdxl_train_network.py",
+                flags=("--mixed_precision", "bf16", "--full_bf16", "--network_train_unet_only",
+                           "--cache_text_encoder_outputs"))
+    first = train(work, model, "lie-xl", "--network_dim", "4", "--network_alpha", "2", "--network_args", "conv_dim=4",
+                  "--max_train_steps", "1", **sdxl)
+    resumed = train(work, model, "lie-xl-resumed", "--network_weights", str(work["out"] / "lie-xl.safetensors"),
+                    "--dim_from_weights", "--max_train_steps", "1", **sdxl)
+    assert "import network module: lie_diffusion.kohya" in first and "enable full bf16 training" in first
+    assert "load network weights from" in resumed
+    adapter = read_lie_file(work["out"] / "lie-xl.safetensors")
+    again = read_lie_file(work["out"] / "lie-xl-resumed.safetensors")
+    header = adapter.header
+    assert adapter.kohya_names and header["ss_network_module"] == "lie_diffusion.kohya"
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_mixed_precision"] == "bf16"
+    assert header["lie_diffusion_sha256"] and adapter.info["balance"] == "rms"
+    with init_empty_weights():  # the training script's default targets in diffusers' SDXL UNet
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(model), subfolder="unet"))
+    convs, attns = find_targets(unet, LieConfig())
+    assert {m.module for m in adapter.section("lie")} == set(convs) and len(convs) == 49
+    assert {m.module for m in adapter.section("lora", "unet")} == set(attns) and len(attns) == 560
+    assert not adapter.section("lora", "text_encoder")  # --network_train_unet_only
+    layers = dict(unet.named_modules())
+    for entry in adapter.modules:  # the factors fit the diffusers layer they name
+        assert tuple(layers[entry.module].weight.shape) == (entry.B.shape[0], *entry.A.shape[1:]), entry.module
+    assert all(m.B.abs().max() > 0 for m in adapter.modules)  # one step trained every module (B starts at zero)
+    by_ref = {m.ref: m for m in again.modules}
+    assert by_ref.keys() == {m.ref for m in adapter.modules}
+    assert all(not torch.equal(by_ref[m.ref].B, m.B) for m in adapter.modules)  # the resumed step moved them all
+    assert all(by_ref[m.ref].alpha == m.alpha for m in adapter.modules)
+    with init_empty_weights():
+        load_lie_weights(unet, work["out"] / "lie-xl-resumed.safetensors")  # diffusers' loader takes the file
