@@ -14,10 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from safetensors.torch import save_file
 from test_hosts_comfyui import COMFYUI, CPU, comfy, comfy_clip  # noqa: F401  (comfy: the ComfyUI fixture)
-from test_hosts_dit import lie_file, linears, reference
+from test_hosts_dit import lie_file, linears, random_transformer, reference
 
 from lie_diffusion.hosts import LiePatch
 from lie_diffusion.integrations.comfyui import load_lie_adapter
@@ -38,13 +37,7 @@ RTOL = 2**-22  # as for the SD models: float32 round-off of W + ΔW relative to 
 
 
 def diffusers_model(family):
-    torch.manual_seed(0)
-    model = (FluxTransformer2DModel(**TRANSFORMER_CONFIGS["flux"]) if family == "flux"
-             else SD3Transformer2DModel(**SD35))
-    with torch.no_grad():  # zero-initialised AdaLN / output layers would hide a mix-up of rows
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
-    return model
+    return random_transformer(family, TRANSFORMER_CONFIGS["flux"], SD35)
 
 
 def comfy_model(comfy, family, model):

@@ -43,13 +43,18 @@ SD3_NORMS = {"transformer_blocks.{}.attn.norm_q.weight": "joint_blocks.{}.x_bloc
              "pos_embed.pos_embed": "pos_embed"}
 
 
-def tiny(family):
+def random_transformer(family, flux_config, sd3_config):
+    """A Flux or SD3 transformer of the given config with every weight drawn at random (seed 0)."""
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**FLUX) if family == "flux" else SD3Transformer2DModel(**SD35)
+    model = FluxTransformer2DModel(**flux_config) if family == "flux" else SD3Transformer2DModel(**sd3_config)
     with torch.no_grad():  # zero-initialised layers (AdaLN, proj_out) would hide a mix-up of rows
         for parameter in model.parameters():
             parameter.normal_(0, 0.3)
     return model
+
+
+def tiny(family):
+    return random_transformer(family, FLUX, SD35)
 
 
 def linears(model):
