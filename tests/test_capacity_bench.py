@@ -59,6 +59,7 @@ def test_every_method_runs_with_its_budget(smallest):
     assert rows["full"]["params"] == weights and rows["full"]["rank"] == 0
     for row in rows.values():
         assert 0 <= row["new_top1"] <= 1 and 0 <= row["old_top1"] <= 1 and row["heldout_loss"] > 0
+        assert -1 <= row["new_similarity"] <= 1
         assert row["file_bytes"] > 4 * row["params"] * 0.99  # fp32 tensors, plus a header
     assert results["runs"] == 2 * len(C.METHODS)
     for name in ("capacity.md", "capacity_accuracy_vs_size.png", "capacity_tradeoff.png"):
@@ -80,10 +81,19 @@ def test_lr_is_chosen_on_validation_numbers_only():
     def record(lr, validation_new, test_new, stopped=False):
         if stopped:
             return {"lr": lr, "stopped": "loss is nan"}
-        return {"lr": lr, "validation": {"new_top1": validation_new, "old_top1": 0.5, "heldout_loss": 0.1},
-                "test": {"new_top1": test_new, "old_top1": 0.5, "heldout_loss": 0.1}}
+        return {"lr": lr, "validation": {"new_similarity": validation_new, "old_top1": 0.5, "heldout_loss": 0.1},
+                "test": {"new_similarity": test_new, "old_top1": 0.5, "heldout_loss": 0.1}}
 
     assert C.choose_lr([record(1e-3, 0.2, 0.9), record(3e-3, 0.4, 0.1), record(1e-2, 0, 0, stopped=True)]) == 3e-3
     tie = [record(1e-3, 0.4, 0.0), record(3e-3, 0.4, 0.0)]
     tie[0]["validation"]["heldout_loss"] = 0.05  # equal accuracy: the lower validation loss wins
     assert C.choose_lr(tie) == 1e-3
+
+
+def test_training_pictures_replay_the_pretrained_emoji(smallest):
+    """The folder holds `--pictures` per new emoji and `--replay` per pretrained one, each captioned by name."""
+    out, _, _ = smallest
+    lines = [json.loads(x) for x in (out / "work" / "data" / training.METADATA).read_text().splitlines()]
+    new, old = C.HELD_OUT[:2], C.trained_classes(C.pretrained_emoji_path())[:2]
+    assert [x["text"].split(" emoji")[0][2:] for x in lines] == [*new, *(n for n in old for _ in range(4))]
+    assert all((out / "work" / "data" / x["file_name"]).is_file() for x in lines)
