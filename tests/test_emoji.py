@@ -223,7 +223,7 @@ def test_flux_pretraining_saves_a_flux_pipeline_that_generates(flux_runs):
     shipped = AutoencoderKL.from_pretrained(str(pretrained_emoji_path("sd") / "vae")).state_dict()
     assert all(torch.equal(shipped[k], v) for k, v in pipeline.vae.state_dict().items())
     assert pipeline.vae.config.shift_factor is not None and pipeline.vae.config.scaling_factor > 0
-    for preset in ("flux", "flux-all-linear", "flux-all"):  # every Flux preset finds both kinds of block
+    for preset in ("flux-attn", "flux", "flux-all-linear", "flux-all"):  # every Flux preset finds both kinds of block
         _, linears = find_targets(transformer, LieConfig(preset=preset))
         assert any(n.startswith("transformer_blocks.1.") for n in linears), preset
         assert any(n.startswith("single_transformer_blocks.1.") for n in linears), preset
