@@ -206,9 +206,11 @@ def selected_methods(args) -> dict[str, Method]:
         name, sep, flags = spec.partition("=")
         if not sep or not name or name in by_name:
             raise ValueError(f"--variant {spec!r}: write NAME=FLAGS with a new name, e.g. lie-a8='--conv_alpha 8'")
-        chosen[name] = Method(name, f"{family.reference} with `{flags}`",
+        chosen[name] = Method(name, f"Lie default with `{flags}`",
                               (*by_name[family.reference].script_flags, *shlex.split(flags)))
     return chosen
+
+
 # name -> +1 when higher is better, -1 when lower is better
 METRICS = {
     "subject_similarity": 1, "subject_top1": 1, "colour_accuracy": 1, "colour_subject_similarity": 1,
@@ -308,7 +310,7 @@ def trainable_count(unet, method: Method, rank: int, attn_only_rank: int, convs,
     unet = copy.deepcopy(unet).requires_grad_(False)
     if method.peer is None:
         args = training_script(kind).parse_args(["--pretrained_model_name_or_path", "-", "--instance_data_dir", "-",
-                                             "--instance_prompt", "-", "--rank", str(rank), *method.script_flags])
+                                                 "--instance_prompt", "-", "--rank", str(rank), *method.script_flags])
         add_lie_adapters(unet, training.adapter_config(args))
         return B.count_params(p for p in unet.parameters() if p.requires_grad)
     return B.count_params(attach_peer(method.peer, unet, convs, attns, rank, attn_only_rank))
@@ -920,6 +922,10 @@ def main(argv=None):
     B.add_page_argument(parser, "dreambooth")
     args = parser.parse_args(argv)
     args.methods = args.methods or [m.name for m in FAMILIES[args.kind].methods]
+    try:
+        selected_methods(args)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         pipeline_dir(args)
     except FileNotFoundError as error:  # the Flux model until it is trained
