@@ -164,7 +164,7 @@ FLUX_METHODS = tuple(Method(f"{preset}-{suffix}", f"{adapter} on {where}", ("--t
                      for preset, where in FLUX_PRESETS.items() for suffix, adapter, flags in FLUX_ADAPTERS)
 # As on the UNet: the balanced Lie adapters move their weights as far per step as LoRA and share its grid; without
 # the rule a Lie update is W ⊙ Δ, |W| times a LoRA step, and the tiny transformer's Linear weights have an RMS of
-# about 0.03-0.1, so that grid sits 10x higher. To be checked on the validation subjects (prior similarity
+# 0.03-0.06 at initialisation (the trained model's will differ), so that grid sits 10x higher. To be checked on the validation subjects (prior similarity
 # 0.60-0.80 spanned) before the test run; `--grid` in dreambooth_tradeoff.py moves a grid.
 FLUX_LR_GRIDS = {m.name: (3e-3, 1e-2, 3e-2) if m.name.endswith("-lie-unbalanced") else (3e-4, 1e-3, 3e-3)
                  for m in FLUX_METHODS}
