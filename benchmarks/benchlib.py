@@ -46,6 +46,8 @@ PAGES = {
     "quality": DOCS / "benchmarks.md",
     "dreambooth": DOCS / "benchmarks.md",
     "dreambooth_tradeoff": DOCS / "benchmarks.md",
+    "dreambooth_flux": DOCS / "benchmarks.md",
+    "dreambooth_tradeoff_flux": DOCS / "benchmarks.md",
     "stacking": DOCS / "benchmarks.md",
     "extract": DOCS / "hosts.md",
     "balance": DOCS / "training.md",

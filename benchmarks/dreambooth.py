@@ -3,6 +3,7 @@
 
     python benchmarks/dreambooth.py --jobs 2                     # default size: 147 runs, ~30 min here
     python benchmarks/dreambooth.py --subjects 2 --seeds 1 --val-subjects 0 --jobs 2   # a few minutes
+    python benchmarks/dreambooth.py --kind flux ...               # the tiny emoji Flux model (see FLUX_METHODS)
 
 The default size (6 subjects x 3 seeds, a 3-lr sweep per method) takes about 55 min in one process on
 a 2-core CPU (22 s per run, train + judge, measured with 2 jobs) and about half that with `--jobs 2`.
@@ -37,6 +38,14 @@ without being told which method made it:
 - held-out denoising loss (the training objective) of "a sks emoji" on unseen pictures of the subject
   (fixed noise and timesteps).
 Sampling: the pipeline's DPM-Solver++ at its default steps and guidance, fixed seeds per prompt.
+
+`--kind flux` runs the same subjects, judge and metrics on the tiny emoji Flux model (`lie_diffusion.emoji.flux`),
+trained through `train_scripts/train_dreambooth_lie_flux.py` with the same flags. Its methods are target presets
+(`--target_preset`) × Lie (balancing rule on and off) / LoRA, every one the script's own adapters
+(`--attn_adapter lie|lora`): Lie and LoRA on one preset have the same factor shapes, so the same parameter count,
+while the presets differ in how many layers they adapt (reported, not equalised). The balancing rule scales Lie
+adapters only, so LoRA runs once per preset. Sampling: the model's flow-matching Euler sampler; held-out loss: the
+flow-matching (velocity) loss the script trains on.
 """
 
 from __future__ import annotations
@@ -71,8 +80,8 @@ from lie_diffusion import LieConfig, add_lie_adapters, load_lie_weights, read_li
 from lie_diffusion.emoji.classifier import CLASSIFIER_FILE, load_classifier, reference_embedding  # noqa: E402
 from lie_diffusion.emoji.data import PALETTE, caption, load_renders, random_example  # noqa: E402
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
-from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, NUM_INFERENCE_STEPS, pretrained_emoji_path,  # noqa: E402
-                                          pretrained_emoji_pipeline, trained_classes)
+from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, MAX_LENGTH, NUM_INFERENCE_STEPS,  # noqa: E402
+                                          pretrained_emoji_path, pretrained_emoji_pipeline, trained_classes)
 from lie_diffusion.inject import find_targets  # noqa: E402
 
 SCRIPT = ROOT / "train_scripts" / "train_dreambooth_lie.py"
@@ -122,15 +131,6 @@ METHODS = (
 BY_NAME = {m.name: m for m in METHODS}
 
 
-def selected_methods(args) -> dict[str, Method]:
-    """`--methods` plus the `--variant NAME=FLAGS` Lie runs (the training script's flags, e.g. '--conv_alpha 8')."""
-    chosen = {name: BY_NAME[name] for name in args.methods}
-    for spec in args.variant or []:
-        name, sep, flags = spec.partition("=")
-        if not sep or not name or name in BY_NAME:
-            raise ValueError(f"--variant {spec!r}: write NAME=FLAGS with a new name, e.g. lie-a8='--conv_alpha 8'")
-        chosen[name] = Method(name, f"Lie default with `{flags}`", (*BY_NAME[REFERENCE].script_flags, *shlex.split(flags)))
-    return chosen
 REFERENCE = "lie-default"
 # Per-method learning-rate grids (3 values each). The balanced Lie default moves its kernels as far as LoRA
 # does per step, so it shares LoRA's grid; unbalanced Lie and HiRA conv updates are W ⊙ Δ, |W| times smaller
@@ -145,6 +145,72 @@ LR_GRIDS = {
     "lycoris-locon": (1e-3, 3e-3, 1e-2),
     "hira-conv-lora-attn": (3e-3, 1e-2, 3e-2),
 }
+
+FLUX_SCRIPT = ROOT / "train_scripts" / "train_dreambooth_lie_flux.py"
+# On the transformer every method is the Flux script's own adapters: a target preset (`--target_preset`), Lie with
+# the balancing rule (the script's default), Lie without it, or LoRA (`--attn_adapter lora`). The rule scales Lie
+# adapters only, so LoRA with it "off" would be the same run: LoRA runs once per preset.
+FLUX_PRESETS = {
+    "flux-attn": "the joint attention only",
+    "flux": "diffusers' DreamBooth targets (attention + feed-forwards; the script's default)",
+    "flux-all-linear": "every Linear in the blocks, modulations included",
+}
+FLUX_ADAPTERS = (  # (name suffix, adapter, its flags)
+    ("lie", "Lie exp, balanced (alpha / RMS(W))", ("--attn_adapter", "lie", "--lie_balance", "rms")),
+    ("lie-unbalanced", "Lie exp, alpha / rank (balancing rule off)", ("--attn_adapter", "lie", "--lie_balance", "none")),
+    ("lora", "peft LoRA", ("--attn_adapter", "lora")),
+)
+FLUX_METHODS = tuple(Method(f"{preset}-{suffix}", f"{adapter} on {where}", ("--target_preset", preset, *flags))
+                     for preset, where in FLUX_PRESETS.items() for suffix, adapter, flags in FLUX_ADAPTERS)
+# As on the UNet: the balanced Lie adapters move their weights as far per step as LoRA and share its grid; without
+# the rule a Lie update is W ⊙ Δ, |W| times a LoRA step, and the tiny transformer's Linear weights have an RMS of
+# 0.03-0.06 at initialisation (the trained model's will differ), so that grid sits 10x higher. To be checked on the validation subjects (prior similarity
+# 0.60-0.80 spanned) before the test run; `--grid` in dreambooth_tradeoff.py moves a grid.
+FLUX_LR_GRIDS = {m.name: (3e-3, 1e-2, 3e-2) if m.name.endswith("-lie-unbalanced") else (3e-4, 1e-3, 3e-3)
+                 for m in FLUX_METHODS}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the benchmark runs on one kind of emoji pipeline (`--kind`)."""
+
+    script: Path
+    methods: tuple[Method, ...]
+    lr_grids: dict[str, tuple[float, ...]]
+    reference: str  # the method the others are paired against
+    script_flags: tuple[str, ...] = ()  # flags every run of this kind gives the script
+
+    @property
+    def by_name(self) -> dict[str, Method]:
+        return {m.name: m for m in self.methods}
+
+
+FAMILIES = {
+    "sd": Family(SCRIPT, METHODS, LR_GRIDS, REFERENCE),
+    # prompts padded as the pipeline samples them (the script's default, 512 T5 tokens, is FLUX.1's)
+    "flux": Family(FLUX_SCRIPT, FLUX_METHODS, FLUX_LR_GRIDS, "flux-lie", ("--max_sequence_length", str(MAX_LENGTH))),
+}
+ALL_METHOD_NAMES = list(dict.fromkeys(m.name for family in FAMILIES.values() for m in family.methods))
+
+
+def selected_methods(args) -> dict[str, Method]:
+    """`--methods` of `--kind` plus the `--variant NAME=FLAGS` Lie runs (the reference's flags and these training
+    script flags, e.g. '--conv_alpha 8')."""
+    family = FAMILIES[args.kind]
+    by_name = family.by_name
+    unknown = [name for name in args.methods if name not in by_name]
+    if unknown:
+        raise ValueError(f"--methods {unknown} are not methods of --kind {args.kind}; choose from {list(by_name)}")
+    chosen = {name: by_name[name] for name in args.methods}
+    for spec in args.variant or []:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in by_name:
+            raise ValueError(f"--variant {spec!r}: write NAME=FLAGS with a new name, e.g. lie-a8='--conv_alpha 8'")
+        chosen[name] = Method(name, f"Lie default with `{flags}`",
+                              (*by_name[family.reference].script_flags, *shlex.split(flags)))
+    return chosen
+
+
 # name -> +1 when higher is better, -1 when lower is better
 METRICS = {
     "subject_similarity": 1, "subject_top1": 1, "colour_accuracy": 1, "colour_subject_similarity": 1,
@@ -185,9 +251,15 @@ def attach_peer(peer: str, unet, convs: list[str], attns: list[str], rank: int, 
     raise ValueError(f"unknown peer {peer!r}; expected one of {[m.peer for m in METHODS if m.peer]}")
 
 
+def denoiser(pipeline):
+    """The model the adapters go on: the UNet, or the Flux transformer."""
+    return pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+
+
 @functools.cache
-def training_script():
-    spec = importlib.util.spec_from_file_location("train_dreambooth_lie", SCRIPT)
+def training_script(kind: str = "sd"):
+    script = FAMILIES[kind].script
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -233,19 +305,23 @@ def swapped_adapter(attach):
                            "benchmarks/dreambooth.py must follow its new structure.")
 
 
-def trainable_count(unet, method: Method, rank: int, attn_only_rank: int, convs, attns) -> int:
+def trainable_count(unet, method: Method, rank: int, attn_only_rank: int, convs, attns, kind: str = "sd") -> int:
     """The trainable parameters `method` puts on a copy of `unet` (Lie: the script's own flag → config mapping)."""
     unet = copy.deepcopy(unet).requires_grad_(False)
     if method.peer is None:
-        args = training_script().parse_args(["--pretrained_model_name_or_path", "-", "--instance_data_dir", "-",
-                                             "--instance_prompt", "-", "--rank", str(rank), *method.script_flags])
+        args = training_script(kind).parse_args(["--pretrained_model_name_or_path", "-", "--instance_data_dir", "-",
+                                                 "--instance_prompt", "-", "--rank", str(rank), *method.script_flags])
         add_lie_adapters(unet, training.adapter_config(args))
         return B.count_params(p for p in unet.parameters() if p.requires_grad)
     return B.count_params(attach_peer(method.peer, unet, convs, attns, rank, attn_only_rank))
 
 
-def equal_budget(unet, methods, rank: int) -> dict:
-    """Ranks and trainable-parameter counts: attention-only LoRA gets the rank closest to the Lie default's total."""
+def equal_budget(unet, methods, rank: int, kind: str = "sd") -> dict:
+    """Ranks and trainable-parameter counts: attention-only LoRA gets the rank closest to the Lie default's total.
+    On the transformer the presets adapt different layers, so their counts differ and are reported as they are."""
+    if kind != "sd":
+        return {"rank": rank, "trainable_params": {m.name: trainable_count(unet, m, rank, rank, [], [], kind)
+                                                   for m in methods}}
     convs, attns = find_targets(unet, LieConfig())
     lie_total = trainable_count(unet, BY_NAME[REFERENCE], rank, rank, convs, attns)
     per_attn_rank = trainable_count(unet, BY_NAME["lora-attn"], rank, 1, convs, attns)
@@ -317,13 +393,15 @@ class Judge:
     def heldout_loss(self, pipeline, subject: Subject) -> float:
         """The training loss (MSE to the noise or velocity target) of the instance prompt on the subject's unseen
         pictures; noise and timesteps fixed per subject."""
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler, FluxPipeline
 
+        g = torch.Generator().manual_seed(sum(map(ord, subject.name)))
+        if isinstance(pipeline, FluxPipeline):
+            return self.flow_loss(pipeline, subject, g)
         scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         vae, unet = pipeline.vae, pipeline.unet
         latents = vae.encode(subject.heldout_pixels).latent_dist.mean * vae.config.scaling_factor
         latents = latents.repeat(self.noise_draws, 1, 1, 1)
-        g = torch.Generator().manual_seed(sum(map(ord, subject.name)))
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         ids = pipeline.tokenizer(INSTANCE_PROMPT, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
@@ -333,13 +411,37 @@ class Judge:
         target = training.noise_target(scheduler, latents, noise, timesteps)
         return float(torch.nn.functional.mse_loss(prediction, target))
 
+    def flow_loss(self, pipeline, subject: Subject, g: torch.Generator) -> float:
+        """The Flux script's loss (`--weighting_scheme none`): packed latents at uniformly drawn σ of the training
+        schedule, the velocity ε - x_0 as target."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from lie_diffusion.training import flux
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        vae = pipeline.vae
+        latents = (vae.encode(subject.heldout_pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        latents = latents.repeat(self.noise_draws, 1, 1, 1)
+        noise = torch.randn(latents.shape, generator=g)
+        indices = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+        sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1)
+        packed, image_ids = flux.pack((1 - sigmas) * latents + sigmas * noise)
+        prompts = flux.PromptEncoder([pipeline.tokenizer, pipeline.tokenizer_2], latents.device, MAX_LENGTH, cache=True)
+        embeds, pooled, text_ids = prompts([pipeline.text_encoder, pipeline.text_encoder_2], [INSTANCE_PROMPT],
+                                           latents.dtype)
+        prediction = pipeline.transformer(
+            hidden_states=packed, timestep=scheduler.timesteps[indices] / 1000, guidance=None,  # no guidance embedding
+            pooled_projections=pooled.expand(len(latents), -1), encoder_hidden_states=embeds.expand(len(latents), -1, -1),
+            txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        return float(torch.nn.functional.mse_loss(flux.unpack(prediction, latents), noise - latents))
+
     def score(self, pipeline, subject: Subject, images: dict | None = None) -> tuple[dict, dict]:
         """Metrics and samples; `images` (from `sample`) skips sampling again (the base model's do not depend
         on the subject)."""
         from lie_diffusion.emoji.classifier import subject_similarity
         from lie_diffusion.emoji.data import background_color
 
-        pipeline.unet.eval()
+        denoiser(pipeline).eval()
         images = images or self.sample(pipeline)
         colours = list(PALETTE)
         metrics = {
@@ -368,7 +470,8 @@ class Bench:
 
     def __init__(self, args, workdir: Path, log=print, prepare: bool = True):
         self.args, self.workdir, self.log = args, workdir, log
-        self.pipeline_dir = Path(args.pipeline).resolve() if args.pipeline else pretrained_emoji_path()
+        self.family = FAMILIES[args.kind]
+        self.pipeline_dir = pipeline_dir(args)
         self.renders = load_renders()
         self.classifier_file = Path(args.classifier) if args.classifier else CLASSIFIER_FILE
         self.classifier = load_classifier(self.classifier_file)
@@ -381,7 +484,7 @@ class Bench:
                            args.guidance)
         base = pretrained_emoji_pipeline(self.pipeline_dir)
         self.methods = selected_methods(args)
-        self.budget = equal_budget(base.unet, list(self.methods.values()), args.rank)
+        self.budget = equal_budget(denoiser(base), list(self.methods.values()), args.rank, args.kind)
         self.class_dir = workdir / "class-images"
         names = sum(subject_split(args), [])
         seen = [n for n in names if n not in self.renders.held_out]
@@ -420,7 +523,7 @@ class Bench:
             "--train_batch_size", str(a.batch), "--max_train_steps", str(a.steps), "--learning_rate", f"{lr:g}",
             "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", str(seed), "--rank", str(a.rank),
             "--mixed_precision", "no", "--report_to", "none", "--checkpointing_steps", str(10**9),
-            "--output_dir", str(output_dir), *flags,
+            "--output_dir", str(output_dir), *self.family.script_flags, *flags,
         ]
 
     def run_dir(self, method: Method, subject: Subject, seed: int, lr: float) -> Path:
@@ -428,7 +531,7 @@ class Bench:
 
     def train(self, method: Method, subject: Subject, seed: int, lr: float, prompt: str = INSTANCE_PROMPT):
         """Fine-tune with the training script; returns a pipeline carrying the trained adapter, and its size."""
-        script = training_script()
+        script = training_script(self.args.kind)
         output_dir = self.run_dir(method, subject, seed, lr)
         args = script.parse_args(self.script_argv(subject, seed, lr, output_dir, method.script_flags, prompt))
         if method.peer is None:
@@ -469,6 +572,16 @@ class Bench:
         self.log(f"  {method.name:20s} {subject_name:18s} seed {seed} lr {lr:g}: "
                  + ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS) + f" ({record['train_s']:.0f}+{record['eval_s']:.0f} s)")
         return record, images
+
+
+def result_suffix(kind: str) -> str:
+    """How the results of `kind` are told apart: dreambooth.json (sd), dreambooth_flux.json, ..."""
+    return "" if kind == "sd" else f"_{kind}"
+
+
+def pipeline_dir(args) -> Path:
+    """`--pipeline`, or the shipped pipeline of `--kind` (FileNotFoundError, saying how to make it, until it is)."""
+    return Path(args.pipeline).resolve() if args.pipeline else pretrained_emoji_path(args.kind)
 
 
 def choose_lr(records: list[dict]) -> float:
@@ -541,8 +654,9 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
     bench = Bench(args, workdir, log)
     base_scores, base_images = bench.score_base()
     b = bench.budget
-    log(f"ranks: {b['rank']} (convs and attention), attention-only LoRA {b['attn_only_rank']}; trainable params "
-        + ", ".join(f"{k} {v:,}" for k, v in b["trainable_params"].items()))
+    ranks = (f"{b['rank']} (convs and attention), attention-only LoRA {b['attn_only_rank']}" if "attn_only_rank" in b
+             else f"{b['rank']}")
+    log(f"ranks: {ranks}; trainable params " + ", ".join(f"{k} {v:,}" for k, v in b["trainable_params"].items()))
     (subjects, validation), seeds = subject_split(args), list(range(args.seeds))
     base_prior = {k: statistics.mean(base_scores[s][k] for s in subjects + validation)
                   for k in ("prior_accuracy", "prior_similarity")}
@@ -567,8 +681,8 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
                     done[task] = keep_run(workdir, setup, record, images["subject"][0])
                 yield done[task]
         # Phase 1: the learning rate of each method on the validation subjects (seed 0).
-        names = list(bench.methods)
-        grids = {name: args.lr_grid or LR_GRIDS.get(name, LR_GRIDS[REFERENCE]) for name in names}
+        names, family = list(bench.methods), bench.family
+        grids = {name: args.lr_grid or family.lr_grids.get(name, family.lr_grids[family.reference]) for name in names}
         swept = [n for n in names if len(grids[n]) > 1 and validation]
         tasks = [(n, s, 0, lr) for n in swept for lr in grids[n] for s in validation]
         sweep_records = [record for record, _ in run_all(tasks)]
@@ -591,7 +705,7 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "page")},
         "subjects": subjects, "validation_subjects": validation, "seeds": seeds,
         "instance_prompt": INSTANCE_PROMPT, "class_prompt": CLASS_PROMPT,
-        "prior_names": bench.judge.prior_names, "pipeline": str(bench.pipeline_dir),
+        "prior_names": bench.judge.prior_names, "pipeline": str(bench.pipeline_dir), "reference": family.reference,
         "budget": {k: v for k, v in b.items() if k not in ("convs", "attns")},
         "methods": {m.name: m.about for m in bench.methods.values()},
         "base": {**base_prior, "per_subject": {s: base_scores[s] for s in subjects}},
@@ -599,8 +713,8 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
         "seconds": round(time.perf_counter() - started), "env": B.environment(),
     }
     per_run = statistics.mean(r["train_s"] + r["eval_s"] for r in sweep_records + records)
-    default_runs = sum(len(LR_GRIDS[m.name]) * DEFAULT_SIZE["val_subjects"]
-                       + DEFAULT_SIZE["subjects"] * DEFAULT_SIZE["seeds"] for m in METHODS)
+    default_runs = sum(len(family.lr_grids[m.name]) * DEFAULT_SIZE["val_subjects"]
+                       + DEFAULT_SIZE["subjects"] * DEFAULT_SIZE["seeds"] for m in family.methods)
     results["timing"] = {"runs": len(sweep_records) + len(records), "mean_run_s": per_run,
                          "default_runs": default_runs, "default_estimate_min": default_runs * per_run / 60}
     results["summary"] = summarize(results)
@@ -620,18 +734,18 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def summarize(results: dict) -> dict:
-    """Per method: mean ± std of each metric over subjects × seeds; paired differences against REFERENCE.
+    """Per method: mean ± std of each metric over subjects × seeds; paired differences against the reference method.
     Runs stopped by a NaN loss are left out (the report lists them); a method with none finished has no entry."""
     runs = [r for r in results["runs"] if "stopped" not in r]
-    out = {}
+    out, ref = {}, results["reference"]
     for name in results["methods"]:
         mine = {(r["subject"], r["seed"]): r for r in runs if r["method"] == name}
         if not mine:
             continue
         entry = {k: mean_std(r[k] for r in mine.values()) for k in (*METRICS, "train_s", "eval_s")}
-        reference = {(r["subject"], r["seed"]): r for r in runs if r["method"] == REFERENCE}
+        reference = {(r["subject"], r["seed"]): r for r in runs if r["method"] == ref}
         pairs = sorted(mine.keys() & reference.keys())
-        if name != REFERENCE and pairs:
+        if name != ref and pairs:
             entry["vs_reference"] = {}
             for k, sign in METRICS.items():
                 diffs = [reference[p][k] - mine[p][k] for p in pairs]  # reference minus this method
@@ -648,11 +762,11 @@ def fmt(value: tuple[float, float], digits: int = 3) -> str:
 
 def verdict(results: dict) -> list[str]:
     """Plain sentences: the Lie default against each peer on subject fidelity, with prior preservation beside it."""
-    s, lines = results["summary"], []
-    if REFERENCE not in s:
+    s, lines, ref = results["summary"], [], results["reference"]
+    if ref not in s:
         return lines
     for name, entry in s.items():
-        if name == REFERENCE or "vs_reference" not in entry:
+        if name == ref or "vs_reference" not in entry:
             continue
         v = entry["vs_reference"]
         sim, prior, prior_sim = v["subject_similarity"], v["prior_accuracy"], v["prior_similarity"]
@@ -660,17 +774,17 @@ def verdict(results: dict) -> list[str]:
         clear = sim["pairs"] >= 3 and abs(sim["mean_diff"]) > 2 * spread
         better = "higher" if sim["mean_diff"] > 0 else "lower"
         lines.append(
-            f"{REFERENCE} vs {name}: subject similarity {better} by {abs(sim['mean_diff']):.3f} "
-            f"(paired std {sim['std_diff']:.3f}, {sim['pairs']} pairs, {REFERENCE} wins {100 * sim['reference_win_rate']:.0f}%)"
+            f"{ref} vs {name}: subject similarity {better} by {abs(sim['mean_diff']):.3f} "
+            f"(paired std {sim['std_diff']:.3f}, {sim['pairs']} pairs, {ref} wins {100 * sim['reference_win_rate']:.0f}%)"
             + ("" if clear else " — fewer than 3 pairs or within twice the standard error: not a clear difference")
             + f"; prior accuracy {prior['mean_diff']:+.3f}, prior similarity {prior_sim['mean_diff']:+.3f} "
-              f"({REFERENCE} minus {name}).")
+              f"({ref} minus {name}).")
     return lines
 
 
 def render(results: dict, grid_path: str) -> str:
     c, s, b, env = results["config"], results["summary"], results["budget"], results["env"]
-    base = results["base"]
+    base, family, ref = results["base"], FAMILIES[c["kind"]], results["reference"]
     base_rows = list(base["per_subject"].values())
     headers = ["method", "trainable params", "lr", *[METRIC_TITLES[k] for k in METRICS], "train s / run"]
     rows = [["base model (no fine-tuning)", "0", "—",
@@ -685,7 +799,7 @@ def render(results: dict, grid_path: str) -> str:
             rows.append([r["method"], f"{b['trainable_params'][r['method']]:,}", f"{r['lr']:g}",
                          f"stopped ({r['subject']}, seed {r['seed']}): {r['stopped'].split(';')[0]}",
                          *[""] * len(METRICS)])
-    paired_headers = ["vs " + REFERENCE, *[METRIC_TITLES[k] for k in METRICS]]
+    paired_headers = ["vs " + ref, *[METRIC_TITLES[k] for k in METRICS]]
     paired = []
     for name, entry in s.items():
         if "vs_reference" in entry:
@@ -706,8 +820,19 @@ def render(results: dict, grid_path: str) -> str:
                "subject similarity + prior similarity (likeness gained minus likeness of other emoji lost)."
                if results["sweeps"] else "Learning rate: the middle of each method's grid (no validation sweep in this run).")
     about = "\n".join(f"- **{name}**: {text}" for name, text in results["methods"].items())
+    if c["kind"] == "sd":
+        title = "### DreamBooth fidelity at an equal parameter budget"
+        trained = ("(peers: the same script with only the adapter swapped). "
+                   f"Ranks: {b['rank']} on {b['conv_layers']} convs and {b['attn_layers']} attention projections for every "
+                   f"conv+attention method; {b['attn_only_rank']} for attention-only LoRA (the closest total).")
+        model = "The shipped pretrained emoji pipeline (32 px)"
+    else:
+        title = "### DreamBooth fidelity on the tiny emoji Flux model"
+        trained = (f"with its own adapters. Rank {b['rank']} for every method: Lie and LoRA on one preset have the same "
+                   "parameter count, the presets adapt different layers (the count column).")
+        model = f"The tiny emoji Flux pipeline (32 px, `{results['pipeline']}`)"
     return "\n".join([
-        "### DreamBooth fidelity at an equal parameter budget",
+        title,
         f"`{results['command']}` ({results['seconds']} s on {env['cpu']}, {c['jobs']} job(s) × {c['threads']} thread(s), "
         f"torch {env['torch']}, {env['date']}): {t['runs']} runs of {t['mean_run_s']:.0f} s on average (train + judge). "
         f"At that speed the default size ({t['default_runs']} runs: {DEFAULT_SIZE['subjects']} subjects × "
@@ -715,13 +840,11 @@ def render(results: dict, grid_path: str) -> str:
         f"takes about {t['default_estimate_min']:.0f} min in one process; `--jobs 2` runs two at a time."
         + (f" **A reduced run** ({c['subjects']} subjects × {c['seeds']} seeds; the issue asks for ≥ 6 × 3): "
            "read the spreads accordingly." if small else ""),
-        f"The shipped pretrained emoji pipeline (32 px) learns held-out emoji it never saw: subjects "
+        f"{model} learns held-out emoji it never saw: subjects "
         f"{', '.join(results['subjects'])}; {TRAIN_PICTURES} training pictures each, instance prompt "
         f"\"{INSTANCE_PROMPT}\", prior preservation with {c['class_images']} base-model samples of \"{CLASS_PROMPT}\" "
         f"(weight 1), batch {c['batch']} + {c['batch']}, {c['steps']} steps, AdamW, constant lr. Every method trains "
-        f"through `train_scripts/train_dreambooth_lie.py` (peers: the same script with only the adapter swapped). "
-        f"Ranks: {b['rank']} on {b['conv_layers']} convs and {b['attn_layers']} attention projections for every "
-        f"conv+attention method; {b['attn_only_rank']} for attention-only LoRA (the closest total). {lr_rule} "
+        f"through `{family.script.relative_to(ROOT)}` {trained} {lr_rule} "
         f"Judge: the shipped emoji classifier. "
         f"Cells: mean ± std over {len(results['subjects'])} subjects × {len(results['seeds'])} seeds.",
         "",
@@ -734,7 +857,7 @@ def render(results: dict, grid_path: str) -> str:
         f"{base['prior_similarity']:.3f}). Similarities: cosines in the classifier's embedding, higher is better; "
         "held-out loss: lower is better.",
         "",
-        f"Paired against {REFERENCE} over (subject, seed): {REFERENCE}'s win rate · mean difference ({REFERENCE} minus "
+        f"Paired against {ref} over (subject, seed): {ref}'s win rate · mean difference ({ref} minus "
         "the method) ± std of the differences.",
         "",
         B.md_table(paired_headers, paired) if paired else "(no peers run)",
@@ -774,7 +897,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100, help="training steps per run")
     parser.add_argument("--val-subjects", type=int, default=DEFAULT_SIZE["val_subjects"], choices=range(0, len(VALIDATION_SUBJECTS) + 1),
                         help="validation subjects for the lr choice (0: use the middle of each grid)")
-    parser.add_argument("--methods", nargs="+", default=[m.name for m in METHODS], choices=[m.name for m in METHODS])
+    parser.add_argument("--kind", choices=sorted(FAMILIES), default="sd",
+                        help="the emoji pipeline: the Stable Diffusion one, or the tiny Flux one (see FLUX_METHODS)")
+    parser.add_argument("--methods", nargs="+", choices=ALL_METHOD_NAMES,
+                        help="default: every method of --kind")
     parser.add_argument("--variant", action="append", metavar="NAME=FLAGS",
                         help="an extra Lie run: the default's flags plus these training-script flags (repeatable)")
     parser.add_argument("--rank", type=int, default=4, help="rank of every conv+attention method")
@@ -785,7 +911,7 @@ def main(argv=None):
     parser.add_argument("--prior-prompts", type=int, default=12, help="pretrained emoji asked for (prior preservation)")
     parser.add_argument("--sample-steps", type=int, default=NUM_INFERENCE_STEPS)
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
-    parser.add_argument("--pipeline", default=None, help="pipeline folder (default: the shipped pretrained one)")
+    parser.add_argument("--pipeline", default=None, help="pipeline folder (default: the shipped one of --kind)")
     parser.add_argument("--classifier", default=None, help="classifier file (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per job)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, in worker processes")
@@ -795,14 +921,23 @@ def main(argv=None):
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
     B.add_page_argument(parser, "dreambooth")
     args = parser.parse_args(argv)
+    args.methods = args.methods or [m.name for m in FAMILIES[args.kind].methods]
+    try:
+        selected_methods(args)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        pipeline_dir(args)
+    except FileNotFoundError as error:  # the Flux model until it is trained
+        sys.exit(f"error: {error}")
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         results, pictures = run(args, workdir)
     results["command"] = shlex.join(["python", "benchmarks/dreambooth.py", *(sys.argv[1:] if argv is None else argv)])
-    out = Path(args.out)
-    grid = save_pictures(out / "dreambooth_samples.png", pictures)
+    out, suffix = Path(args.out), result_suffix(args.kind)
+    grid = save_pictures(out / f"dreambooth_samples{suffix}.png", pictures)
     markdown = render(results, B.link(grid, args.page))
-    B.publish("dreambooth", results, markdown, out, args.page)
+    B.publish(f"dreambooth{suffix}", results, markdown, out, args.page)
     return results
 
 

@@ -21,6 +21,11 @@ Each method runs at the lrs of its own grid (`--grid METHOD=LR,LR,...`, default 
 Finished runs in `--workdir` are reused (split a long run over several invocations, add seeds later).
 Results: results/dreambooth_tradeoff[-validation].{json,md,png} and, for the test split, the section of
 docs/benchmarks.md. `--plot-only` redraws the figure from the saved JSON without running anything.
+
+`--kind flux` runs it on the tiny emoji Flux model (`--pipeline DIR` for another folder): target presets
+(attention only, diffusers' targets, every Linear incl. modulations) × Lie with / without the balancing rule and
+LoRA (`dreambooth.FLUX_METHODS`, grids `dreambooth.FLUX_LR_GRIDS`, all of them by default), the reference being
+the script's default (`flux-lie`). Results: results/dreambooth_tradeoff_flux[-validation].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from benchmarks import benchlib as B  # noqa: E402
 from benchmarks import dreambooth as D  # noqa: E402
 
 READ_METRICS = ("subject_similarity", "subject_top1", "colour_accuracy", "heldout_loss")
+SD_METHODS = ("lie-default", "lie-unbalanced", "lora-conv-attn", "lycoris-locon")
+# dreambooth.py flags passed on as they are when given (smaller for a smoke run)
+PASSED = ("batch", "class_images", "subject_images", "prior_prompts", "sample_steps", "threads")
 
 
 def finished(runs: list[dict]) -> list[dict]:
@@ -131,7 +139,8 @@ def plot(results: dict, path: Path) -> Path:
     ax.set_xlabel("prior similarity (pretrained emoji after fine-tuning; higher = less forgetting)")
     ax.set_ylabel("subject similarity (higher = more like the subject)")
     seeds = results["seeds"]
-    ax.set_title(f"DreamBooth trade-off, {results['split']} subjects: {len(results['subjects'])} subjects × "
+    model = "" if results.get("kind", "sd") == "sd" else f" ({results['kind']})"
+    ax.set_title(f"DreamBooth trade-off{model}, {results['split']} subjects: {len(results['subjects'])} subjects × "
                  f"{seeds} seed{'s' if seeds != 1 else ''}, {results['steps']} steps", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -143,7 +152,8 @@ def markdown(results: dict) -> str:
     runs = results["records"]
     grouped = by_method(runs)
     lrs = sorted({r["lr"] for r in runs})
-    lines = [f"### DreamBooth: subject fidelity at equal prior preservation ({results['split']} subjects)",
+    model = "" if results.get("kind", "sd") == "sd" else f" on the tiny emoji {results['kind'].capitalize()} model"
+    lines = [f"### DreamBooth: subject fidelity at equal prior preservation{model} ({results['split']} subjects)",
              f"`{results['command']}`: {len(runs)} runs, {len(results['subjects'])} {results['split']} subjects "
              f"({', '.join(results['subjects'])}) × {results['seeds']} seed(s), {results['steps']} steps, "
              f"rank {results['rank']}; about {results['minutes']:.0f} min of runs with {results['jobs']} job(s). "
@@ -182,11 +192,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_grids(specs: list[str] | None) -> dict[str, tuple[float, ...]]:
-    grids = dict(D.LR_GRIDS)
+def parse_grids(specs: list[str] | None, kind: str = "sd") -> dict[str, tuple[float, ...]]:
+    grids = dict(D.FAMILIES[kind].lr_grids)
     for spec in specs or []:
         name, sep, values = spec.partition("=")
-        if not sep or name not in D.BY_NAME:
+        if not sep or name not in grids:
             raise ValueError(f"--grid {spec!r}: write METHOD=LR,LR,... with a method of {sorted(grids)}")
         grids[name] = tuple(float(v) for v in values.split(","))
     return grids
@@ -194,8 +204,11 @@ def parse_grids(specs: list[str] | None) -> dict[str, tuple[float, ...]]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=[m.name for m in D.METHODS],
-                        default=["lie-default", "lie-unbalanced", "lora-conv-attn", "lycoris-locon"])
+    parser.add_argument("--kind", choices=sorted(D.FAMILIES), default="sd",
+                        help="the emoji pipeline: the Stable Diffusion one, or the tiny Flux one")
+    parser.add_argument("--pipeline", help="pipeline folder (default: the shipped one of --kind)")
+    parser.add_argument("--methods", nargs="+", choices=D.ALL_METHOD_NAMES,
+                        help=f"default on sd: {' '.join(SD_METHODS)}; on flux: every method of dreambooth.FLUX_METHODS")
     parser.add_argument("--grid", action="append", metavar="METHOD=LR,LR,...", help="replace a method's lr grid")
     parser.add_argument("--split", choices=["test", "validation"], default="test")
     parser.add_argument("--subjects", type=int, default=6)
@@ -203,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=1)
+    for flag in PASSED:
+        parser.add_argument("--" + flag.replace("_", "-"), type=int, help="dreambooth.py's flag (default: its own)")
     parser.add_argument("--prior-levels", type=float, nargs="+", default=[0.60, 0.65, 0.70, 0.75, 0.80])
     parser.add_argument("--win-level", type=float, default=0.70, help="prior similarity of the paired comparison")
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
@@ -211,28 +226,36 @@ def main(argv=None):
                         help="redraw the figure from --out's saved JSON of this --split; run nothing")
     parser.add_argument("--workdir", help="one subfolder per lr; finished runs are reused (required to run)")
     args = parser.parse_args(argv)
-    name = "dreambooth_tradeoff" + ("" if args.split == "test" else "-validation")
+    family = D.FAMILIES[args.kind]
+    args.methods = args.methods or list(SD_METHODS if args.kind == "sd" else family.by_name)
+    if set(args.methods) - set(family.by_name):
+        parser.error(f"--methods: {sorted(set(args.methods) - set(family.by_name))} are not methods of --kind "
+                     f"{args.kind}; choose from {list(family.by_name)}")
+    name = "dreambooth_tradeoff" + D.result_suffix(args.kind) + ("" if args.split == "test" else "-validation")
     if args.plot_only:
         return plot(json.loads((Path(args.out) / f"{name}.json").read_text()), Path(args.out) / f"{name}.png")
     if not args.workdir:
         parser.error("--workdir is required (unless --plot-only)")
-    grids = parse_grids(args.grid)
+    grids = parse_grids(args.grid, args.kind)
+    model = ["--kind", args.kind] + (["--pipeline", args.pipeline] if args.pipeline else [])
+    passed = [x for flag in PASSED if getattr(args, flag) is not None
+              for x in ("--" + flag.replace("_", "-"), str(getattr(args, flag)))]
     runs = []
     for lr in sorted({lr for m in args.methods for lr in grids[m]}):
         methods = [m for m in args.methods if lr in grids[m]]
-        results = D.main(["--split", args.split, "--subjects", str(args.subjects), "--seeds", str(args.seeds),
+        results = D.main([*model, "--split", args.split, "--subjects", str(args.subjects), "--seeds", str(args.seeds),
                           "--val-subjects", "0", "--steps", str(args.steps), "--rank", str(args.rank),
-                          "--jobs", str(args.jobs), "--lr-grid", str(lr), "--methods", *methods,
+                          "--jobs", str(args.jobs), "--lr-grid", str(lr), "--methods", *methods, *passed,
                           "--workdir", str(Path(args.workdir) / f"lr{lr:g}"),
                           "--out", str(Path(args.workdir) / f"out-lr{lr:g}"), "--page", "none"])
         runs += results["runs"]
     command = "python benchmarks/dreambooth_tradeoff.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    data = {"command": command, "split": args.split, "subjects": sorted({r["subject"] for r in runs}),
+    data = {"command": command, "kind": args.kind, "split": args.split, "subjects": sorted({r["subject"] for r in runs}),
             "seeds": args.seeds, "steps": args.steps, "rank": args.rank, "jobs": args.jobs,
-            "methods": args.methods, "grids": {m: grids[m] for m in args.methods}, "reference": D.REFERENCE,
+            "methods": args.methods, "grids": {m: grids[m] for m in args.methods}, "reference": family.reference,
             "minutes": sum(r["train_s"] + r["eval_s"] for r in runs) / 60 / args.jobs,
             "prior_levels": args.prior_levels, "win_level": args.win_level,
-            "paired": paired(runs, D.REFERENCE, args.win_level),
+            "paired": paired(runs, family.reference, args.win_level),
             "stopped": [r for r in runs if "stopped" in r], "records": runs, "env": B.environment()}
     B.publish(name, data, markdown(data), Path(args.out), args.page if args.split == "test" else "none")
     plot(data, Path(args.out) / f"{name}.png")

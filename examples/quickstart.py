@@ -15,6 +15,11 @@
    merged and adapted images (round-off).
 
     python examples/quickstart.py [--subject rocket] [--max_train_steps 1000] [--output_dir quickstart-output]
+    python examples/quickstart.py --model flux   # the same on the tiny emoji Flux model, once it is trained
+
+`--model flux` runs the same flow on the tiny Flux-shaped emoji model (`lie_diffusion.emoji.flux`) through
+`train_scripts/train_dreambooth_lie_flux.py` (Lie adapters on its default targets); until that model is trained and
+shipped it stops with the command that trains it.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from lie_diffusion.emoji.classifier import load_classifier, reference_embedding,
 from lie_diffusion.emoji.data import (IMAGE_SIZE, HELD_OUT, PALETTE, background_color, caption,  # noqa: E402
                                       load_renders, random_example)
 from lie_diffusion.emoji.grid import save_grid  # noqa: E402
-from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, NUM_INFERENCE_STEPS, pretrained_emoji_path,  # noqa: E402
-                                          pretrained_emoji_pipeline)
+from lie_diffusion.emoji.pipeline import (GUIDANCE_SCALE, MAX_LENGTH, NUM_INFERENCE_STEPS,  # noqa: E402
+                                          pretrained_emoji_path, pretrained_emoji_pipeline, sampling_kwargs)
 
 TOKEN = "sks"
 INSTANCE_PROMPT = caption(TOKEN)  # "a sks emoji": the fallback for an image without a caption
@@ -47,6 +52,12 @@ CLASS_PROMPT = caption(None)  # "an emoji"
 PROMPTS = [INSTANCE_PROMPT, caption(TOKEN, "blue"), caption(None, "blue")]
 INSTANCE_COLORS = ("white", "yellow", "green", "purple")  # blue stays unseen: the prompt must compose it
 SEEDS = (0, 1, 2, 3)
+# --model -> (its DreamBooth script, the flags it needs besides the shared ones)
+SCRIPTS = {
+    "sd": ("train_dreambooth_lie.py", []),
+    # prompts padded as the pipeline samples them (the script's default, 512 T5 tokens, is FLUX.1's)
+    "flux": ("train_dreambooth_lie_flux.py", ["--max_sequence_length", str(MAX_LENGTH)]),
+}
 
 
 def save_captioned(directory: Path, name: str, image: np.ndarray, text: str) -> None:
@@ -76,18 +87,19 @@ def make_class_images(pipeline, count: int, directory: Path, steps: int) -> None
     colors = [list(PALETTE)[n % len(PALETTE)] for n in range(count)]
     prompts = [caption(None, color) for color in colors]
     generators = [torch.Generator().manual_seed(10_000 + n) for n in range(count)]
-    images = pipeline(prompts, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, generator=generators,
-                      output_type="np").images
+    images = pipeline(prompts, num_inference_steps=steps, generator=generators, output_type="np",
+                      **sampling_kwargs(pipeline, GUIDANCE_SCALE, count)).images
     for n, (image, prompt) in enumerate(zip(images, prompts)):
         save_captioned(directory, f"{n:03d}", (image * 255).round().astype(np.uint8), prompt)
 
 
 def train(base: Path, instances: Path, classes: Path, output: Path, args) -> None:
     """The command a user types; `accelerate launch` flags given so it never prompts."""
+    script, model_flags = SCRIPTS[args.model]
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "train_scripts" / "train_dreambooth_lie.py"),
+        str(REPO / "train_scripts" / script), *model_flags,
         "--pretrained_model_name_or_path", str(base),
         "--instance_data_dir", str(instances),
         "--instance_prompt", INSTANCE_PROMPT, "--caption_extension", ".txt",
@@ -118,27 +130,36 @@ def generate(pipeline, steps: int) -> list[np.ndarray]:
     images = []
     for prompt in PROMPTS:
         generators = [torch.Generator().manual_seed(seed) for seed in SEEDS]
-        images += list(pipeline([prompt] * len(SEEDS), num_inference_steps=steps,
-                                 guidance_scale=GUIDANCE_SCALE, generator=generators, output_type="np").images)
+        images += list(pipeline([prompt] * len(SEEDS), num_inference_steps=steps, generator=generators, output_type="np",
+                                 **sampling_kwargs(pipeline, GUIDANCE_SCALE, len(SEEDS))).images)
     return images
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SCRIPTS), default="sd",
+                        help="The tiny emoji model: Stable Diffusion (UNet), or Flux (a diffusion transformer).")
     parser.add_argument("--output_dir", type=Path, default=Path("quickstart-output"))
     parser.add_argument("--subject", default="rocket", choices=HELD_OUT, help="A held-out emoji to learn.")
     parser.add_argument("--max_train_steps", type=int, default=1000)
     parser.add_argument("--num_class_images", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--num_inference_steps", type=int, default=NUM_INFERENCE_STEPS)
-    parser.add_argument("--pretrained", type=Path, default=None, help="Another tiny emoji pipeline folder.")
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help="Another tiny emoji pipeline folder, of the --model kind.")
     args = parser.parse_args()
     root = args.output_dir.resolve()
     torch.set_num_threads(1)  # tiny tensors: more threads only add overhead (10x on a busy CPU)
 
-    base = (args.pretrained or pretrained_emoji_path()).resolve()
-    print(f"[1/5] Loading the pretrained tiny emoji pipeline from {base}", flush=True)
+    try:
+        base = (args.pretrained or pretrained_emoji_path(args.model)).resolve()
+    except FileNotFoundError as error:  # the Flux model until it is trained and shipped
+        sys.exit(f"error: {error}")
+    print(f"[1/5] Loading the pretrained tiny emoji {args.model} pipeline from {base}", flush=True)
     pipeline = pretrained_emoji_pipeline(base)
+    if (type(pipeline).__name__ == "FluxPipeline") != (args.model == "flux"):
+        sys.exit(f"error: {base} holds a {type(pipeline).__name__}, not a tiny emoji {args.model} pipeline: "
+                 f"give --model {'sd' if args.model == 'flux' else 'flux'}")
     print(f"[2/5] Instance images of the held-out emoji {args.subject!r} in {root / 'instance-images'}", flush=True)
     instance_images = make_instance_images(args.subject, root / "instance-images")
 

@@ -70,6 +70,8 @@ PRESETS = {
     "flux": TargetPreset("flux", (), DIT_ATTN_TARGETS + DIT_FF_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
                          "diffusers' DreamBooth LoRA targets: joint attention incl. context projections, "
                          "feed-forwards"),
+    "flux-attn": TargetPreset("flux", (), DIT_ATTN_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
+                              "attention only: the joint attention incl. context projections (no feed-forwards)"),
     "flux-all-linear": TargetPreset("flux", (), DIT_BLOCK_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",
                                     "every Linear in the double and single blocks (kohya's Flux network)"),
     "flux-all": TargetPreset("flux", (), DIT_ALL_LINEAR_TARGETS + TEXT_ENCODER_ATTN_TARGETS, "lie",

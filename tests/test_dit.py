@@ -52,6 +52,8 @@ EXPECTED = {
     # "attn.to_q" (peft's suffix match in diffusers' script) also selects the single blocks' q, k, v
     ("flux", "flux"): ([], _in("transformer_blocks.0", JOINT_ATTN + FF) + _in("single_transformer_blocks.0", SINGLE[:3])
                        + _in("single_transformer_blocks.1", SINGLE[:3])),
+    ("flux", "flux-attn"): ([], _in("transformer_blocks.0", JOINT_ATTN) + _in("single_transformer_blocks.0", SINGLE[:3])
+                            + _in("single_transformer_blocks.1", SINGLE[:3])),
     ("flux", "flux-all-linear"): ([], _in("transformer_blocks.0", JOINT_ATTN + FF + MODULATION)
                                   + _in("single_transformer_blocks.0", SINGLE)
                                   + _in("single_transformer_blocks.1", SINGLE)),

@@ -173,8 +173,84 @@ def test_nan_stops_are_reported_not_averaged():
     metrics = {k: 0.5 for k in D.METRICS}
     runs = [record("lie-default", 0, **metrics), record("lie-default", 1, stopped="loss is nan at step 9; stopping."),
             record("lie-attn-lie", 0, stopped="loss is nan at step 207; stopping.")]
-    summary = D.summarize({"methods": {"lie-default": "", "lie-attn-lie": ""}, "runs": runs})
+    summary = D.summarize({"methods": {"lie-default": "", "lie-attn-lie": ""}, "runs": runs, "reference": "lie-default"})
     assert list(summary) == ["lie-default"]  # nothing finished for lie-attn-lie: no entry to average
     assert summary["lie-default"]["subject_similarity"] == (0.5, 0.0)  # the stopped seed is left out
     assert D.choose_lr([record("a", 0, lr=1e-3, subject_similarity=0.1, prior_similarity=0.1),
                         {**record("a", 0, stopped="nan"), "lr": 1e-2}]) == 1e-3
+
+
+# ------------------------------------------------------------------------------------------- on the Flux model
+
+FLUX_METHODS = ["flux-attn-lie", "flux-lie", "flux-lie-unbalanced", "flux-lora", "flux-all-linear-lie"]
+FLUX_SMALLEST = ["--kind", "flux", "--subjects", "1", "--seeds", "1", "--steps", "2", "--rank", "2", "--batch", "1",
+                 "--class-images", "1", "--subject-images", "1", "--prior-prompts", "2", "--sample-steps", "2",
+                 "--methods", *FLUX_METHODS, *[f"--grid={m}=1e-3" for m in FLUX_METHODS]]
+
+
+@pytest.fixture(scope="module")
+def flux_tradeoff(tiny_emoji_flux_dir, tmp_path_factory):
+    from benchmarks import dreambooth_tradeoff as T
+
+    out = tmp_path_factory.mktemp("tradeoff-flux")
+    page = out / "page.md"
+    page.write_text("<!-- bench:dreambooth_tradeoff_flux:start -->\nSTALE\n<!-- bench:dreambooth_tradeoff_flux:end -->\n")
+    T.main([*FLUX_SMALLEST, "--pipeline", str(tiny_emoji_flux_dir), "--workdir", str(out / "work"),
+            "--out", str(out), "--page", str(page)])
+    return out, json.loads((out / "dreambooth_tradeoff_flux.json").read_text()), page.read_text()
+
+
+def test_flux_tradeoff_trains_every_method_and_reports_it(flux_tradeoff):
+    out, results, page = flux_tradeoff
+    assert (results["kind"], results["reference"], results["methods"]) == ("flux", "flux-lie", FLUX_METHODS)
+    assert sorted(r["method"] for r in results["records"]) == sorted(FLUX_METHODS)
+    for r in results["records"]:
+        assert r["subject"] == "dog face" and r["lr"] == 1e-3 and "stopped" not in r
+        assert -1 <= r["subject_similarity"] <= 1 and -1 <= r["prior_similarity"] <= 1 and r["heldout_loss"] > 0
+    assert set(results["paired"]) == set(FLUX_METHODS) - {"flux-lie"}
+    assert "STALE" not in page and "on the tiny emoji Flux model (test subjects)" in page
+    assert all(f"| {m} |" in page for m in FLUX_METHODS)
+    assert (out / "dreambooth_tradeoff_flux.png").is_file() and (out / "dreambooth_tradeoff_flux.md").is_file()
+
+
+def test_flux_methods_train_the_layers_their_preset_names(flux_tradeoff, tiny_emoji_flux_dir):
+    from diffusers import FluxTransformer2DModel
+
+    from lie_diffusion import LieConfig, read_lie_file
+    from lie_diffusion.inject import find_targets
+
+    out, results, _ = flux_tradeoff
+    files = {m: read_lie_file(out / "work" / "lr0.001" / "runs" / f"{m}-dog-face-seed0-lr0.001") for m in FLUX_METHODS}
+    transformer = FluxTransformer2DModel.from_pretrained(str(tiny_emoji_flux_dir / "transformer"))
+    for method, preset in (("flux-attn-lie", "flux-attn"), ("flux-lie", "flux"), ("flux-lora", "flux"),
+                           ("flux-lie-unbalanced", "flux"), ("flux-all-linear-lie", "flux-all-linear")):
+        modules = files[method].modules
+        assert {m.component for m in modules} == {"transformer"}, method  # no text encoder trains
+        assert sorted(m.module for m in modules) == sorted(find_targets(transformer, LieConfig(preset=preset))[1])
+    attn, default, every = ({m.module for m in files[name].modules}
+                            for name in ("flux-attn-lie", "flux-lie", "flux-all-linear-lie"))
+    assert attn < default < every
+    assert any(".ff." in n for n in default - attn) and any("norm1.linear" in n for n in every - default)
+    # Lie (balanced: alpha x 1/RMS(W) per module; unbalanced: alpha = rank) against LoRA on the same layers
+    sections = {m: {e.section for e in files[m].modules} for m in FLUX_METHODS}
+    assert sections["flux-lora"] == {"lora"} and all(sections[m] == {"lie"} for m in FLUX_METHODS if m != "flux-lora")
+    assert all(e.alpha == 2 for m in ("flux-lora", "flux-lie-unbalanced") for e in files[m].modules)
+    assert all(e.alpha > 2 for e in files["flux-lie"].modules)  # the tiny model's weights have RMS < 1
+    counts = {r["method"]: r for r in results["records"]}
+    assert counts["flux-lie"]["heldout_loss"] != counts["flux-lora"]["heldout_loss"]
+    sizes = {m: sum(e.A.numel() + e.B.numel() for e in files[m].modules) for m in FLUX_METHODS}
+    assert sizes["flux-lie"] == sizes["flux-lora"] == sizes["flux-lie-unbalanced"]
+    assert sizes["flux-attn-lie"] < sizes["flux-lie"] < sizes["flux-all-linear-lie"]
+
+
+def test_flux_tradeoff_says_how_to_make_the_missing_model(tmp_path, monkeypatch, capsys):
+    from benchmarks import dreambooth_tradeoff as T
+    from lie_diffusion.emoji import pipeline as emoji_pipeline
+
+    monkeypatch.setattr(emoji_pipeline, "PRETRAINED_ROOT", tmp_path)
+    with pytest.raises(SystemExit, match=r"error: no pretrained emoji flux pipeline .*pretrain_tiny_emoji_flux\.py"):
+        T.main(["--kind", "flux", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path), "--page", "none"])
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(SystemExit):
+        T.main(["--kind", "flux", "--methods", "lie-default", "--workdir", str(tmp_path / "work")])
+    assert "not methods of --kind flux" in capsys.readouterr().err

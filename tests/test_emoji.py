@@ -174,17 +174,11 @@ def test_metrics_script_smoke(tmp_path):
     assert re.search(r'"top1": [0-9.]+', result.stdout)
 
 
-FLUX_RUN = ["--num_classes", "4", "--train_steps", "3", "--train_batch_size", "2", "--save_every", "2",
-            "--log_every", "1", "--seed", "5", "--warmup_steps", "1"]
-
-
 @pytest.fixture(scope="module")
-def flux_runs(tmp_path_factory):
-    """Two short Flux pretraining runs with the same seed."""
-    root = tmp_path_factory.mktemp("flux")
-    script = load_script("pretrain_tiny_emoji_flux")
-    for name in ("a", "b"):
-        script.main(["--output_dir", str(root / name), "--log_file", str(root / f"{name}.log"), *FLUX_RUN])
+def flux_runs(tiny_emoji_flux_dir, pretrain_tiny_flux):
+    """Two short Flux pretraining runs with the same seed: the session's tiny Flux pipeline "a" and "b" beside it."""
+    root = tiny_emoji_flux_dir.parent
+    pretrain_tiny_flux(root / "b")
     return root
 
 
@@ -223,7 +217,7 @@ def test_flux_pretraining_saves_a_flux_pipeline_that_generates(flux_runs):
     shipped = AutoencoderKL.from_pretrained(str(pretrained_emoji_path("sd") / "vae")).state_dict()
     assert all(torch.equal(shipped[k], v) for k, v in pipeline.vae.state_dict().items())
     assert pipeline.vae.config.shift_factor is not None and pipeline.vae.config.scaling_factor > 0
-    for preset in ("flux", "flux-all-linear", "flux-all"):  # every Flux preset finds both kinds of block
+    for preset in ("flux-attn", "flux", "flux-all-linear", "flux-all"):  # every Flux preset finds both kinds of block
         _, linears = find_targets(transformer, LieConfig(preset=preset))
         assert any(n.startswith("transformer_blocks.1.") for n in linears), preset
         assert any(n.startswith("single_transformer_blocks.1.") for n in linears), preset
@@ -289,13 +283,12 @@ def test_metrics_script_measures_a_flux_folder(flux_runs, tmp_path):
     assert (tmp_path / "emoji_samples_flux.png").is_file()
 
 
-def test_flux_pretraining_refuses_a_vae_whose_latents_do_not_pack(tmp_path):
+def test_flux_pretraining_refuses_a_vae_whose_latents_do_not_pack(tmp_path, pretrain_tiny_flux):
     from diffusers import AutoencoderKL
 
     AutoencoderKL(latent_channels=8, block_out_channels=(8, 8), norm_num_groups=4,
                   down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(str(tmp_path / "vae"))
-    script = load_script("pretrain_tiny_emoji_flux")
     with pytest.raises(ValueError, match=r"--vae .*vae: 8 latent channels.*2x2 patches of 4"):
-        script.main(["--output_dir", str(tmp_path / "out"), "--vae", str(tmp_path / "vae"), *FLUX_RUN])
+        pretrain_tiny_flux(tmp_path / "out", "--vae", str(tmp_path / "vae"))
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""Smoke test of the README's first command: examples/quickstart.py on the shipped emoji model, 2 training steps."""
+"""Smoke tests of the README's first command: examples/quickstart.py on the shipped emoji model (and --model flux on
+a tiny emoji Flux pipeline), 2 training steps."""
 
 import os
 import re
@@ -11,16 +12,55 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_trains_measures_and_merges(tmp_path):
-    command = [sys.executable, str(REPO / "examples" / "quickstart.py"), "--output_dir", str(tmp_path),
-               "--max_train_steps", "2", "--num_class_images", "2", "--num_inference_steps", "3"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+QUICKSTART = str(REPO / "examples" / "quickstart.py")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def run_quickstart(tmp_path, *flags):
+    command = [sys.executable, QUICKSTART, "--output_dir", str(tmp_path), "--max_train_steps", "2",
+               "--num_class_images", "2", "--num_inference_steps", "3", *flags]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=420, env=ENV, cwd=tmp_path)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"quickstart timed out\n{error.stdout}\n{error.stderr}")
     if result.returncode != 0:
-        pytest.fail(f"quickstart failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        pytest.fail(f"quickstart failed ({result.returncode})\n{stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def test_quickstart_trains_measures_and_merges(tmp_path):
+    check_outputs(tmp_path, run_quickstart(tmp_path).stdout)
+
+
+def test_quickstart_on_the_flux_model(tmp_path, tiny_emoji_flux_dir):
+    from lie_diffusion import read_lie_file
+
+    stdout = run_quickstart(tmp_path, "--model", "flux", "--pretrained", str(tiny_emoji_flux_dir)).stdout
+    check_outputs(tmp_path, stdout)
+    assert "train_dreambooth_lie_flux.py" in stdout and "--max_sequence_length 64" in stdout
+    assert {(m.component, m.section) for m in read_lie_file(tmp_path / "lie-dreambooth").modules} == {
+        ("transformer", "lie")}  # the Flux script's default: Lie on the transformer's targeted Linear layers
+
+
+def test_quickstart_flux_says_how_to_make_the_missing_model(tmp_path, tiny_emoji_flux_dir):
+    # the package as if the Flux model were not shipped (it is not yet; this keeps the test true once it is)
+    code = ("import runpy, sys; from pathlib import Path; from lie_diffusion.emoji import pipeline; "
+            f"pipeline.PRETRAINED_ROOT = Path({str(tmp_path)!r}); sys.argv = ['quickstart.py', '--model', 'flux']; "
+            f"runpy.run_path({QUICKSTART!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV,
+                            cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(r"error: no pretrained emoji flux pipeline at .*; train one with `python train_scripts/"
+                        r"pretrain_tiny_emoji_flux\.py --output_dir lie_diffusion/emoji/pretrained/tiny-emoji-flux` "
+                        r"\(see docs/emoji-model\.md\)\n", result.stderr)
+    assert not list(tmp_path.iterdir())  # nothing written
+    mismatch = subprocess.run([sys.executable, QUICKSTART, "--pretrained", str(tiny_emoji_flux_dir)],
+                              capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
+    assert mismatch.returncode == 1 and "holds a FluxPipeline, not a tiny emoji sd pipeline: give --model flux" in (
+        mismatch.stderr) and "Traceback" not in mismatch.stderr
+
+
+def check_outputs(tmp_path, stdout):
     output = tmp_path / "lie-dreambooth"
     for path in (output / "pytorch_lora_weights.safetensors", output / "README.md", output / "checkpoint-1",
                  tmp_path / "comparison.png", tmp_path / "instance-images" / "3.png", tmp_path / "class-images"):
@@ -30,9 +70,9 @@ def test_quickstart_trains_measures_and_merges(tmp_path):
     assert [(tmp_path / "class-images" / f"00{n}.txt").read_text() for n in (0, 1)] == [
         "an emoji on a white background\n", "an emoji on a black background\n"]
     assert (tmp_path / "instance-images" / "1.txt").read_text() == "a sks emoji on a yellow background\n"
-    assert re.search(r"'a sks emoji on a blue background' comes out blue: base \d/4, adapted \d/4", result.stdout)
-    assert str(tmp_path / "comparison.png") in result.stdout
-    base, adapted = (float(x) for x in re.search(r"base (-?[0-9.]+) -> adapted (-?[0-9.]+)", result.stdout).groups())
+    assert re.search(r"'a sks emoji on a blue background' comes out blue: base \d/4, adapted \d/4", stdout)
+    assert str(tmp_path / "comparison.png") in stdout
+    base, adapted = (float(x) for x in re.search(r"base (-?[0-9.]+) -> adapted (-?[0-9.]+)", stdout).groups())
     assert -1 <= base <= 1 and -1 <= adapted <= 1
-    merged = float(re.search(r"max \|merged - adapted\| = ([0-9.e+-]+)", result.stdout).group(1))
+    merged = float(re.search(r"max \|merged - adapted\| = ([0-9.e+-]+)", stdout).group(1))
     assert merged < 1e-3
