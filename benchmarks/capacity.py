@@ -350,6 +350,16 @@ def run(args, workdir: Path, log=print) -> dict:
     cells = [(m, r if BY_NAME[m].has_rank else 0) for m in args.methods for r in args.ranks]
     cells = list(dict.fromkeys(cells))  # full: one cell whatever the ranks
     grids = {m: args.lr_grid or LR_GRIDS[m] for m in args.methods}
+    if args.finished_only:
+        def finished(m, r):
+            sweep = [(m, r, 0, lr) for lr in grids[m]]
+            if not all(t in done for t in sweep):
+                return False
+            lr = choose_lr([done[t] for t in sweep])
+            return all((m, r, s, lr) in done for s in range(args.seeds))
+
+        log("not finished, left out: " + (", ".join(f"{m}@{r}" for m, r in cells if not finished(m, r)) or "none"))
+        cells = [c for c in cells if finished(*c)]
 
     with contextlib.ExitStack() as stack:
         run_fresh = B.task_map(stack, args.jobs, args.threads, bench, Capacity, (args, workdir))
@@ -365,7 +375,7 @@ def run(args, workdir: Path, log=print) -> dict:
         chosen = {}
         for m, r in cells:
             chosen[m, r] = choose_lr([x for x in sweep if (x["method"], x["rank"]) == (m, r)])
-            if chosen[m, r] in (min(grids[m]), max(grids[m])) and len(grids[m]) > 1:
+            if chosen[m, r] in (min(grids[m]), max(grids[m])) and len(grids[m]) > 2:  # of 2, each is an edge
                 log(f"note: {m} rank {r}: the chosen lr {chosen[m, r]:g} is at the edge of its grid")
         seeded = run_all([(m, r, s, chosen[m, r]) for m, r in cells for s in range(args.seeds)])
     return summarise(args, base, cells, chosen, seeded, sweep)
@@ -461,7 +471,7 @@ def _save(fig, ax, path: Path) -> str:
 
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    B.save_figure(fig, path)
     plt.close(fig)
     return path.name
 
@@ -490,6 +500,8 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--pipeline", type=str, default=None, help="another emoji pipeline folder (tests)")
     parser.add_argument("--classifier", type=str, default=None, help="another classifier file (tests)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: tabulate and plot the (method, rank) cells whose runs are all in --workdir")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, each running whole runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out-dir", type=Path, default=B.RESULTS_DIR, help="where results and plots are written")

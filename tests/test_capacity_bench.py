@@ -97,3 +97,14 @@ def test_training_pictures_replay_the_pretrained_emoji(smallest):
     new, old = C.HELD_OUT[:2], C.trained_classes(C.pretrained_emoji_path())[:2]
     assert [x["text"].split(" emoji")[0][2:] for x in lines] == [*new, *(n for n in old for _ in range(4))]
     assert all((out / "work" / "data" / x["file_name"]).is_file() for x in lines)
+
+
+def test_finished_only_tabulates_what_is_there_and_trains_nothing(smallest, capsys):
+    """Split runs need not form a rectangle: --finished-only reports the complete cells, leaves out the rest."""
+    out, argv, results = smallest
+    lines = (out / "work" / "runs.jsonl").read_text().splitlines()
+    args = C.parse_args([*argv, "--ranks", "1", "2", "--finished-only"])
+    again = C.run(args, (out / "work").resolve())
+    assert "not finished, left out: lie-default@2" in capsys.readouterr().out
+    assert (out / "work" / "runs.jsonl").read_text().splitlines() == lines
+    assert again["rows"] == results["rows"]
