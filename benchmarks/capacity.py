@@ -55,6 +55,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -127,11 +128,17 @@ def training_script():
 def write_pictures(renders, concepts, directory: Path, pictures: int, replayed=(), replay: int = 0) -> None:
     """`pictures` renders of each new emoji in `concepts` and `replay` of each pretrained emoji in `replayed`
     (random size and place, the training colours in turn) with their captions, as an image folder with
-    metadata.jsonl. Replayed pictures keep what the model knew in the data, as regularisation images do."""
+    metadata.jsonl. Replayed pictures keep what the model knew in the data, as regularisation images do.
+
+    The folder appears whole or not at all (written beside it, then renamed), and one that exists is kept: it
+    was made from the same arguments (its name says which), and a run of another invocation may be reading it."""
     from PIL import Image
 
-    shutil.rmtree(directory, ignore_errors=True)  # pictures of another setup must not linger
-    directory.mkdir(parents=True)
+    if directory.is_dir():
+        return
+    partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     lines = []
     for name, count in [(n, pictures) for n in concepts] + [(n, replay) for n in replayed]:
         index = renders.index(name)
@@ -139,9 +146,13 @@ def write_pictures(renders, concepts, directory: Path, pictures: int, replayed=(
         for k in range(count):
             colour = TRAIN_COLOURS[k % len(TRAIN_COLOURS)]
             file_name = f"{name.replace(' ', '-')}-{k}.png"
-            Image.fromarray(random_example(renders, index, rng, colour)[0]).save(directory / file_name)
+            Image.fromarray(random_example(renders, index, rng, colour)[0]).save(partial / file_name)
             lines.append(json.dumps({"file_name": file_name, "text": caption(name, colour)}))
-    (directory / training.METADATA).write_text("\n".join(lines) + "\n")
+    (partial / training.METADATA).write_text("\n".join(lines) + "\n")
+    try:
+        partial.rename(directory)
+    except OSError:  # another invocation made it meanwhile
+        shutil.rmtree(partial)
 
 
 class Judge:
@@ -215,9 +226,10 @@ class Capacity:
         self.pipeline_dir = Path(args.pipeline).resolve() if args.pipeline else pretrained_emoji_path()
         self.classifier_file = Path(args.classifier) if args.classifier else CLASSIFIER_FILE
         renders = load_renders()
-        self.data_dir = workdir / "data"
         concepts = HELD_OUT[:args.concepts]
         pretrained = trained_classes(self.pipeline_dir)[:args.pretrained]
+        data = json.dumps([concepts, args.pictures, pretrained, args.replay]).encode()
+        self.data_dir = workdir / f"data-{hashlib.sha256(data).hexdigest()[:12]}"
         if prepare:
             write_pictures(renders, concepts, self.data_dir, args.pictures, pretrained, args.replay)
         self.judge = Judge(load_classifier(self.classifier_file), renders, concepts, pretrained, args.sample_steps,
@@ -267,7 +279,7 @@ class Capacity:
         start = time.perf_counter()
         try:
             pipeline, params, size = self.train(method, rank, seed, lr)
-        except training.TrainingError as error:
+        except training.DivergedError as error:  # bad input stops the benchmark
             self.log(f"  {method_name:12s} rank {rank:2d} seed {seed} lr {lr:g}: stopped: {error}")
             return {**record, "stopped": str(error), "train_s": time.perf_counter() - start, "eval_s": 0.0}
         trained = time.perf_counter()

@@ -557,7 +557,7 @@ class Bench:
         start = time.perf_counter()
         try:
             pipeline, size = self.train(method, subject, seed, lr)
-        except training.TrainingError as error:
+        except training.DivergedError as error:  # bad input stops the benchmark
             self.log(f"  {method.name:20s} {subject_name:18s} seed {seed} lr {lr:g}: stopped: {error}")
             record = {"method": method.name, "subject": subject_name, "seed": seed, "lr": lr, "stopped": str(error),
                       "train_s": time.perf_counter() - start, "eval_s": 0.0}

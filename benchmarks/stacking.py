@@ -94,7 +94,7 @@ class Stacking:
         if not path.is_file():
             try:
                 pipeline, _ = bench.train(method_, bench.subjects[subject], seed, lr, prompt(self.tokens[subject]))
-            except training.TrainingError as error:
+            except training.DivergedError as error:  # bad input stops the benchmark
                 (folder / "stopped").write_text(str(error))
                 return None
             if method_.peer is not None:

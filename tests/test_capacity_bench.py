@@ -93,10 +93,11 @@ def test_lr_is_chosen_on_validation_numbers_only():
 def test_training_pictures_replay_the_pretrained_emoji(smallest):
     """The folder holds `--pictures` per new emoji and `--replay` per pretrained one, each captioned by name."""
     out, _, _ = smallest
-    lines = [json.loads(x) for x in (out / "work" / "data" / training.METADATA).read_text().splitlines()]
+    (data,) = (out / "work").glob("data-*")  # named by what it holds; nothing half-written beside it
+    lines = [json.loads(x) for x in (data / training.METADATA).read_text().splitlines()]
     new, old = C.HELD_OUT[:2], C.trained_classes(C.pretrained_emoji_path())[:2]
     assert [x["text"].split(" emoji")[0][2:] for x in lines] == [*new, *(n for n in old for _ in range(4))]
-    assert all((out / "work" / "data" / x["file_name"]).is_file() for x in lines)
+    assert all((data / x["file_name"]).is_file() for x in lines)
 
 
 def test_finished_only_tabulates_what_is_there_and_trains_nothing(smallest, capsys):

@@ -52,7 +52,7 @@ from .data import (
     sidecar_caption,
     text_image_data,
 )
-from .errors import TrainingError
+from .errors import DivergedError, TrainingError
 from .flags import adapter_config, add_shared_arguments, add_transformer_arguments, check_args
 from .loop import finish_training, log_validation, train_loop
 from .losses import denoising_loss, noise_target, training_noise
@@ -118,6 +118,7 @@ __all__ = [
     "TRAINING_STATE",
     "training_noise",
     "text_image_data",
+    "DivergedError",
     "TrainingError",
     "weight_dtype_of",
 ]

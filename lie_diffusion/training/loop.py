@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..io import load_lie_weights, save_lie_weights
 from .checkpoints import CHECKPOINT_RE, checkpoint_steps, find_checkpoint, load_training_state, save_checkpoint
 from .data import fast_sampler
-from .errors import TrainingError
+from .errors import DivergedError
 from .model_card import save_model_card
 from .run import weight_dtype_of
 from .sharding import gathered, is_sharded
@@ -90,7 +90,7 @@ def train_loop(args, accelerator, family, *, adapted_models, optimizer, lr_sched
                 if not torch.isfinite(mean_loss):
                     steps = checkpoint_steps(args.output_dir)
                     last = Path(args.output_dir, f"checkpoint-{steps[-1]}") if steps else None
-                    raise TrainingError(
+                    raise DivergedError(
                         f"loss is {mean_loss.item()} at step {global_step + 1}; stopping. "
                         + (f"The last good checkpoint is {last}; " if last else "")
                         + "try a lower --learning_rate or another --mixed_precision."
