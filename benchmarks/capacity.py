@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Capacity: does a rank-r Lie adapter learn many new concepts as well as an additive adapter of larger rank?
 
-    python benchmarks/capacity.py --workdir capacity-runs                        # the full grid (hours: see below)
-    python benchmarks/capacity.py --workdir capacity-runs --methods lie-default locon --ranks 1 4 --seeds 1
+    python benchmarks/capacity.py --workdir capacity-runs --jobs 2          # the full grid (hours: see below)
+    python benchmarks/capacity.py --workdir capacity-runs --jobs 2 --methods lie-default locon --ranks 1 4
+    python benchmarks/capacity.py --workdir capacity-runs --finished-only  # tabulate and plot what has run
 
 W ⊙ (B·A) has rank up to rank(W)·r where B·A has rank r, so a rank-1 Lie adapter can express updates no
 rank-1 LoRA can. That matters when the task needs many directions: here, teaching the shipped emoji
 pipeline all 24 held-out emoji (`lie_diffusion.emoji.data.HELD_OUT`) at once, each by its name, from
-renders on 5 of the 8 palette colours, captioned "a <name> emoji on a <colour> background".
+renders on 5 of the 8 palette colours, captioned "a <name> emoji on a <colour> background", with renders
+of the 32 pretrained emoji mixed in (`--replay`, as regularisation images are).
 
 Every run trains through `train_scripts/train_text_to_image_lie.py` on that image folder (metadata.jsonl),
 text-encoder adapters on (`--train_text_encoder`), the same data, batches, steps, optimizer and constant
@@ -22,29 +24,24 @@ Ranks 1, 2, 4, 8, 16 (full has none); the x axis of the plots is the adapter's s
 as an fp32 safetensors file: the Lie file itself for the Lie methods).
 
 Metrics, on prompts and pictures no run trained on: the shipped classifier's top-1 on the 24 new emoji
-asked for by name on the 2 test colours (learning; the classifier knows every emoji); its top-1 on the
-32 pretrained emoji (forgetting); the share of those new-emoji images whose background has the asked
-colour; the denoising loss on unseen renders of the new emoji on the test colours (fixed noise, timesteps).
+asked for by name on the 2 test colours (learning; the classifier knows every emoji), and, graded, the
+similarity of its embedding of each image to the asked emoji's (top-1 stays near 0 until a drawing is
+nearly right); its top-1 on the 32 pretrained emoji (forgetting); the share of the new-emoji images whose
+background has the asked colour; the denoising loss on unseen renders of the new emoji on the test colours.
 
-The learning rate of each (method, rank) is chosen from a 3-value grid on a validation split: the same
-metrics on the third unused colour (orange) with other sampling seeds, at training seed 0; the best
-new-emoji top-1 + pretrained top-1 wins (ties: lower validation loss). Test numbers never choose anything.
-The chosen lr then trains seeds 1 and 2 as well; the seed-0 run of the sweep is the first test seed.
-So a (method, rank) costs 3 + (seeds - 1) runs; the full grid is 6 methods x 5 ranks x 5 + 5 (full) = 155.
+The learning rate of each (method, rank) is chosen from a 2-value grid on a validation split: the same
+metrics on the third unused colour (orange) with other sampling seeds, at training seed 0; the highest
+new-emoji similarity + pretrained top-1 wins (ties: lower validation loss). Test numbers never choose
+anything. The chosen lr then trains seeds 1 and 2 as well; the seed-0 run of the sweep is the first test
+seed. So a (method, rank) costs 2 + (seeds - 1) runs; the full grid is 6 x 5 x 4 + 4 (full) = 124.
 
-Cost, measured on a 2-core CPU shared with other work (load average 8 to 10), one job, one thread: one
-run of the default size (400 steps of batch 8 over 192 pictures at about 1.85 steps/s, then 136 samples at
-25 steps and the held-out losses, on both splits) took 287 s: 216 s training, 70 s scoring; the base
-model's scoring adds 70 s once per invocation. The full grid (155 runs) therefore takes about 12.5 hours
-in one process; `--jobs 2` runs two at a time (not measured: the machine was busy). Split it: every
-finished run is kept in <workdir>/runs.jsonl and a later invocation with the same `--workdir` and result
-flags reuses it, so an interrupted command resumes, and `--methods`, `--ranks` and `--seeds` subsets can
-run on different days (then run the whole command once more: it only tabulates and plots). If even that
-does not fit, drop ranks 2 and 8 before methods, and methods before seeds (3 seeds are the minimum).
-
-That measured run (lie-default, rank 4, lr 3e-3, seed 0) on the validation split named 2 of 24 new emoji
-and 1 of 32 pretrained ones (the base model: 0 and 23): at 3e-3 this task overwrites what the model
-knew, so the grids reach down to 3e-4.
+Cost on a 2-core CPU with `--jobs 2` (one torch thread each): a run of the default size (1,000 steps of
+batch 8, then 136 samples at 25 steps and the held-out losses on both splits) takes about 5.5 minutes, two
+at a time, so the full grid takes about 6 hours. Every finished run is kept in <workdir>/runs.jsonl and a
+later invocation with the same `--workdir` and result flags reuses it: an interrupted command resumes, and
+`--methods`, `--ranks` and `--seeds` subsets can run on different days (`--finished-only` then tabulates
+whatever cells are complete). If even that does not fit, drop ranks 2 and 8 before methods, and methods
+before seeds (3 seeds are the minimum). docs/capacity.md has the design's history and the results.
 """
 
 from __future__ import annotations
