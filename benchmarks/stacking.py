@@ -331,8 +331,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(B.RESULTS_DIR))
     B.add_page_argument(parser, "stacking")
     args = parser.parse_args(argv)
-    # what the DreamBooth bench reads besides these flags: the first 4 test subjects, no lr sweep, no variants
-    args.split, args.subjects, args.val_subjects, args.variant = "test", len(TOKENS), 0, None
+    # what the DreamBooth bench reads besides these flags: the SD UNet, the first 4 test subjects, no lr sweep,
+    # no variants
+    args.kind, args.split, args.subjects, args.val_subjects, args.variant = "sd", "test", len(TOKENS), 0, None
     return args
 
 
