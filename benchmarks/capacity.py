@@ -439,6 +439,11 @@ def markdown(results: dict, plots: list[str]) -> str:
                       f"{row['file_bytes'] / 1024:.0f} KiB",
                       *(f"{row[k]:.3f} ± {row[k + '_std']:.3f}" for k in METRICS)])
     lines.append(B.md_table(["method", "rank", "lr", "params", "file", *METRICS.values()], table))
+    lines += ["", "Each lr of each sweep at seed 0, on the test colours (shown to compare methods at equal lr; the "
+              "choice above was made on the validation colour):", ""]
+    lines.append(B.md_table(["method", "rank", "lr", *(METRICS[k] for k in ("new_similarity", "old_top1"))],
+                            [[x["method"], x["rank"] or "-", f"{x['lr']:g}", f"{x['new_similarity']:.3f}",
+                              f"{x['old_top1']:.3f}"] for x in results["sweep"]]))
     lines += ["", *(f"![{p}]({p})" for p in plots)]
     return "\n".join(lines)
 
