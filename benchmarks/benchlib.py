@@ -612,3 +612,13 @@ def task_map(stack: contextlib.ExitStack, jobs: int, threads: int, local, make: 
     pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                    initializer=_start_runner, initargs=(make, make_args, threads)))
     return functools.partial(pool.map, _run_task)
+
+
+def reuse_or_run(run_fresh: Callable, done: dict, tasks: list, keep: Callable):
+    """Each task's result in order: a finished one from `done`, the rest through `run_fresh` (one map call, so
+    a worker pool runs them in parallel), each stored in `done` as `keep(result)` the moment it arrives."""
+    fresh = iter(run_fresh([t for t in tasks if t not in done]))
+    for task in tasks:
+        if task not in done:
+            done[task] = keep(next(fresh))
+        yield done[task]

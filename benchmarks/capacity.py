@@ -375,11 +375,7 @@ def run(args, workdir: Path, log=print) -> dict:
         run_fresh = B.task_map(stack, args.jobs, args.threads, bench, Capacity, (args, workdir))
 
         def run_all(tasks):
-            fresh = iter(run_fresh([t for t in tasks if t not in done]))
-            for task in tasks:
-                if task not in done:
-                    done[task] = keep(workdir, setup, next(fresh))
-            return [done[t] for t in tasks]
+            return list(B.reuse_or_run(run_fresh, done, tasks, lambda record: keep(workdir, setup, record)))
 
         sweep = run_all([(m, r, 0, lr) for m, r in cells for lr in grids[m]])
         chosen = {}

@@ -674,12 +674,8 @@ def run(args, workdir: Path, log=print) -> tuple[dict, dict]:
 
         def run_all(tasks):
             """(record, first "a sks emoji" sample) per task, in order; finished runs come from `done`."""
-            fresh = iter(run_fresh([t for t in tasks if t not in done]))
-            for task in tasks:
-                if task not in done:
-                    record, images = next(fresh)
-                    done[task] = keep_run(workdir, setup, record, images["subject"][0])
-                yield done[task]
+            return B.reuse_or_run(run_fresh, done, tasks,
+                                  lambda result: keep_run(workdir, setup, result[0], result[1]["subject"][0]))
         # Phase 1: the learning rate of each method on the validation subjects (seed 0).
         names, family = list(bench.methods), bench.family
         grids = {name: args.lr_grid or family.lr_grids.get(name, family.lr_grids[family.reference]) for name in names}
